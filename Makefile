@@ -1,0 +1,38 @@
+# The README's commands. Everything goes into .venv (created if missing); the native extension is
+# rebuilt only when its sources change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+export MAX_JOBS ?= 2
+
+.PHONY: install test demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements-dev.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	$(PY) -m pytest tests -q
+
+demo: install
+	$(VENV)/bin/l2p-fast compare --methods l2p,seq,seq-frozen,ewc,er,joint --output runs/demo
+
+bench: install
+	$(PY) -m pytest bench --benchmark-only
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info l2p_fast/_C*.so $(VENV)/.built

@@ -1,0 +1,11 @@
+"""l2p_fast: fused-kernel Learning to Prompt (L2P) for continual learning.
+
+``FusedPromptPool`` is a drop-in replacement for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch.
+"""
+
+from . import reference
+from .dispatch import available_backends
+from .pool import FusedPromptPool
+
+__all__ = ["FusedPromptPool", "available_backends", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""``FusedPromptPool``: drop-in for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch (SPEC §3–4, §6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .validation import validate_config, validate_forward
+
+OUTPUT_ORDER = (
+    "prompt_idx",
+    "prompt_norm",
+    "x_embed_norm",
+    "similarity",
+    "selected_key",
+    "reduce_sim",
+    "total_prompt_len",
+    "prompted_embedding",
+)
+
+
+def _init_parameter(shape: tuple[int, ...], init: str) -> nn.Parameter:
+    """'zero' → zeros; 'uniform' → U(-1, 1).
+
+    For 'uniform' a normal draw precedes the uniform one, as in the port, so that a seeded run
+    consumes the random stream the same way and produces the same initial values.
+    """
+    if init == "zero":
+        return nn.Parameter(torch.zeros(shape))
+    value = torch.randn(shape)
+    nn.init.uniform_(value, -1.0, 1.0)
+    return nn.Parameter(value)
+
+
+class FusedPromptPool(nn.Module):
+    """A pool of M prompts (M, Lp, D) with keys (M, D), selected per input by cosine similarity.
+
+    Same constructor, ``forward`` and output dict as the port's ``Prompt``; ``backend`` picks the
+    implementation ('auto', 'reference', 'triton', 'cpu', 'cuda'; see ``l2p_fast.dispatch``).
+    Differences from the port (its bugs, SPEC §6): the default constructor works; non-pool mode owns
+    one learnable (Lp, D) prompt; with ``prompt_key=False`` the keys are the mean of the current
+    prompts, recomputed each call (differentiable), and ``prompt_key`` is a ``None`` parameter slot.
+    """
+
+    def __init__(
+        self,
+        length: int = 5,
+        embed_dim: int = 768,
+        embedding_key: str = "mean",
+        prompt_init: str = "uniform",
+        prompt_pool: bool = False,
+        prompt_key: bool = False,
+        pool_size: int | None = None,
+        top_k: int | None = None,
+        batchwise_prompt: bool = False,
+        prompt_key_init: str = "uniform",
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        validate_config(
+            length=length,
+            embed_dim=embed_dim,
+            embedding_key=embedding_key,
+            prompt_init=prompt_init,
+            prompt_pool=prompt_pool,
+            pool_size=pool_size,
+            top_k=top_k,
+            prompt_key_init=prompt_key_init,
+            backend=backend,
+        )
+        self.length = length
+        self.embed_dim = embed_dim
+        self.prompt_pool = prompt_pool
+        self.embedding_key = embedding_key
+        self.prompt_init = prompt_init
+        self.prompt_key_init = prompt_key_init
+        self.pool_size = pool_size
+        self.top_k = top_k
+        self.batchwise_prompt = batchwise_prompt
+        self.learnable_key = prompt_key
+        self.backend = backend
+        shape = (pool_size, length, embed_dim) if prompt_pool else (length, embed_dim)
+        self.prompt = _init_parameter(shape, prompt_init)
+        if prompt_key and pool_size is not None:
+            self.prompt_key = _init_parameter((pool_size, embed_dim), prompt_key_init)
+        else:
+            self.register_parameter("prompt_key", None)
+
+    def keys(self) -> Tensor:
+        """The keys (M, D): the learnable ``prompt_key``, or the mean of each prompt's Lp tokens."""
+        if self.prompt_key is not None:
+            return self.prompt_key
+        return self.prompt.mean(dim=1)
+
+    def resolved_backend(self, device: torch.device | str) -> str:
+        """Name of the backend that runs for tensors on ``device``."""
+        return dispatch.resolve(self.backend, torch.device(device).type)[0]
+
+    def forward(
+        self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
+    ) -> dict[str, Tensor | int]:
+        """x_embed (B, N, D) → dict of SPEC §4.5; ``prompted_embedding`` is (B, K·Lp + N, D)."""
+        validate_forward(
+            x_embed,
+            prompt_mask,
+            cls_features,
+            embed_dim=self.embed_dim,
+            pool_size=self.pool_size,
+            prompt_pool=self.prompt_pool,
+            device=self.prompt.device,
+        )
+        _, backend = dispatch.resolve(self.backend, x_embed.device.type)
+        if not self.prompt_pool:
+            return {"total_prompt_len": self.length, "prompted_embedding": backend.prepend(self.prompt, x_embed)}
+        out = backend.pool_forward(
+            x_embed,
+            self.prompt,
+            self.keys(),
+            embedding_key=self.embedding_key,
+            top_k=self.top_k,
+            batchwise=self.batchwise_prompt,
+            cls_features=cls_features,
+            prompt_mask=prompt_mask,
+        )
+        out["total_prompt_len"] = out["prompt_idx"].shape[1] * self.length
+        return {key: out[key] for key in OUTPUT_ORDER}
+
+    def extra_repr(self) -> str:
+        return (
+            f"length={self.length}, embed_dim={self.embed_dim}, prompt_pool={self.prompt_pool}, "
+            f"pool_size={self.pool_size}, top_k={self.top_k}, embedding_key={self.embedding_key!r}, "
+            f"batchwise_prompt={self.batchwise_prompt}, prompt_key={self.learnable_key}, backend={self.backend!r}"
+        )

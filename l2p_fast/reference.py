@@ -1,0 +1,132 @@
+"""Pure-PyTorch prompt pool: the ground truth (SPEC §3–4) every fused kernel is held to.
+
+Written stage by stage, mirroring the fused ops: query → normalise + score → select (tie rule,
+batch vote) → gather + prepend → pull term. Vectorised and free of host synchronisation (no
+``torch.unique``, no ``.item()``, no data-dependent shapes), so it is also the ``torch.compile``
+baseline. Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EMBEDDING_KEYS = ("mean", "max", "mean_max", "cls")
+SQUARED_NORM_EPS = 1e-12
+
+
+def compute_dtype(x_dtype: torch.dtype, key_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the similarity stage: the promoted input dtype, but never below fp32."""
+    return torch.promote_types(torch.promote_types(x_dtype, key_dtype), torch.float32)
+
+
+def query(x_embed: Tensor, embedding_key: str, cls_features: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Query of each sample (SPEC §4.1): x_embed (B, N, D) → (B, D) in ``dtype``.
+
+    ``mean``: token mean; ``max``: token max; ``mean_max``: max + 2·mean; ``cls``: ``cls_features``
+    (B, D) when given, else the token max.
+    """
+    if embedding_key == "cls" and cls_features is not None:
+        return cls_features.to(dtype)
+    if embedding_key == "mean":
+        return x_embed.mean(dim=1, dtype=dtype)
+    token_max = torch.max(x_embed, dim=1).values.to(dtype)
+    if embedding_key in ("max", "cls"):
+        return token_max
+    if embedding_key == "mean_max":
+        return token_max + 2 * x_embed.mean(dim=1, dtype=dtype)
+    raise ValueError(f"embedding_key: expected one of {EMBEDDING_KEYS}, got {embedding_key!r}")
+
+
+def l2_normalize(v: Tensor) -> Tensor:
+    """Row-wise ``v · rsqrt(max(Σ v², 1e-12))`` over the last dim (clamp on the squared norm)."""
+    return v * torch.rsqrt(v.pow(2).sum(dim=-1, keepdim=True).clamp_min(SQUARED_NORM_EPS))
+
+
+def score(q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalise queries (B, D) and keys (M, D); return (x_embed_norm, prompt_norm, similarity (B, M))."""
+    x_embed_norm = l2_normalize(q)
+    prompt_norm = l2_normalize(keys.to(q.dtype))
+    return x_embed_norm, prompt_norm, x_embed_norm @ prompt_norm.t()
+
+
+def top_k_ids(similarity: Tensor, top_k: int) -> Tensor:
+    """Per-row top-K ids (B, K) by descending similarity; equal values → lower id first."""
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices
+    return order[:, :top_k]
+
+
+def batch_vote(idx: Tensor, pool_size: int, top_k: int) -> Tensor:
+    """The batch's K most voted ids, every row the same list (B, K).
+
+    Counts how many rows hold each id in their top-K (a fixed-size count over M ids, no sync);
+    winners ordered by count descending, equal counts → lower id first.
+    """
+    counts = torch.zeros(pool_size, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+    winners = torch.sort(counts, descending=True, stable=True).indices[:top_k]
+    return winners.unsqueeze(0).expand(idx.shape[0], top_k)
+
+
+def select(
+    similarity: Tensor, top_k: int, batchwise: bool, prompt_mask: Tensor | None
+) -> Tensor:
+    """Prompt ids (B, K) per SPEC §4.3: the mask if given, else top-K (+ batch vote)."""
+    if prompt_mask is not None:
+        return prompt_mask.to(torch.int64)
+    idx = top_k_ids(similarity, top_k)
+    if batchwise:
+        idx = batch_vote(idx, similarity.shape[1], top_k)
+    return idx
+
+
+def gather_prepend(prompt: Tensor, idx: Tensor, x_embed: Tensor) -> Tensor:
+    """``cat([prompt[idx] as (B, K·Lp, D), x_embed (B, N, D)], 1)`` → (B, K·Lp + N, D)."""
+    batch, k = idx.shape
+    batched_prompt = prompt[idx].reshape(batch, k * prompt.shape[1], prompt.shape[2])
+    return torch.cat([batched_prompt, x_embed], dim=1)
+
+
+def prepend(prompt: Tensor, x_embed: Tensor) -> Tensor:
+    """Non-pool mode: the single prompt (Lp, D) before every sample's tokens → (B, Lp + N, D)."""
+    batched_prompt = prompt.unsqueeze(0).expand(x_embed.shape[0], -1, -1)
+    return torch.cat([batched_prompt, x_embed], dim=1)
+
+
+def pull_term(prompt_norm: Tensor, x_embed_norm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """selected_key (B, K, D) and reduce_sim = Σ_b Σ_k ⟨selected_key[b,k], x_embed_norm[b]⟩ / B."""
+    selected_key = prompt_norm[idx]
+    reduce_sim = (selected_key * x_embed_norm.unsqueeze(1)).sum() / x_embed_norm.shape[0]
+    return selected_key, reduce_sim
+
+
+def pool_forward(
+    x_embed: Tensor,
+    prompt: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    batchwise: bool,
+    cls_features: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The whole pool-mode forward (SPEC §4): every tensor output of §4.5.
+
+    x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), cls_features (B, D) or None,
+    prompt_mask (B, K') or None. Inputs are assumed validated (``l2p_fast.validation``).
+    """
+    dtype = compute_dtype(x_embed.dtype, keys.dtype)
+    q = query(x_embed, embedding_key, cls_features, dtype)
+    x_embed_norm, prompt_norm, similarity = score(q, keys)
+    idx = select(similarity, top_k, batchwise, prompt_mask)
+    selected_key, reduce_sim = pull_term(prompt_norm, x_embed_norm, idx)
+    return {
+        "prompt_idx": idx,
+        "prompt_norm": prompt_norm,
+        "x_embed_norm": x_embed_norm,
+        "similarity": similarity,
+        "selected_key": selected_key,
+        "reduce_sim": reduce_sim,
+        "prompted_embedding": gather_prepend(prompt, idx, x_embed),
+    }
