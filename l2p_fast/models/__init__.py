@@ -1,0 +1,10 @@
+"""Prompted models: ``L2PViT`` (timm VisionTransformer) and ``L2PTextEncoder`` (Hugging Face BERT-style).
+
+Both use the prompt pool only through ``FusedPromptPool(..., backend=backend)`` and build the
+prompted sequence with the one-pass ``assemble`` op (``l2p_fast.models.assembly``).
+"""
+
+from .assembly import assemble, assemble_reference
+from .text import L2PTextEncoder
+
+__all__ = ["L2PTextEncoder", "assemble", "assemble_reference"]

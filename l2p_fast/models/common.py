@@ -1,0 +1,61 @@
+"""Pieces shared by the prompted ViT and the prompted text encoder: heads, task mask, checks.
+
+Shapes: B batch, S sequence (1 + K·Lp + N), D width, M pool, K top-k, Lp prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
+# the pool outputs a prompted model passes on (the port's dict, without the materialised sequence)
+POOL_KEYS = (
+    "prompt_idx",
+    "prompt_norm",
+    "x_embed_norm",
+    "similarity",
+    "selected_key",
+    "reduce_sim",
+    "total_prompt_len",
+)
+
+
+def check_head_type(head_type: str) -> None:
+    """Raise ``ValueError`` unless ``head_type`` is one of ``HEAD_TYPES``."""
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
+
+
+def pool_tokens(x: Tensor, head_type: str, prompt_len: int, mask: Tensor | None = None) -> Tensor:
+    """Pooled feature (B, D) of the final tokens x (B, S, D) laid out as [CLS, K·Lp prompts, rest].
+
+    'token': CLS; 'prompt': mean of the prompt outputs; 'token+prompt': mean of CLS and prompts;
+    'gap': mean of all tokens (of the valid ones when ``mask`` (B, S) is given).
+    """
+    if head_type == "token":
+        return x[:, 0]
+    if head_type == "prompt":
+        return x[:, 1 : 1 + prompt_len].mean(dim=1)
+    if head_type == "token+prompt":
+        return x[:, : 1 + prompt_len].mean(dim=1)
+    if head_type == "gap":
+        if mask is None:
+            return x.mean(dim=1)
+        weight = mask.to(x.dtype).unsqueeze(-1)
+        return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+    raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
+
+
+def task_prompt_mask(task_id: int, top_k: int, pool_size: int, batch: int, device: torch.device) -> Tensor | None:
+    """Train-time task mask (B, K): ids t·K … t·K+K−1, or None when t < 0 or the range exceeds M."""
+    start, end = task_id * top_k, (task_id + 1) * top_k
+    if task_id < 0 or end > pool_size:
+        return None
+    return torch.arange(start, end, device=device).unsqueeze(0).expand(batch, -1)
+
+
+def freeze_all_but(module: nn.Module, trainable: tuple[str, ...]) -> None:
+    """Set ``requires_grad`` True only for parameters whose name starts with one of ``trainable``."""
+    for name, param in module.named_parameters():
+        param.requires_grad_(name.startswith(trainable))
