@@ -6,5 +6,6 @@ prompted sequence with the one-pass ``assemble`` op (``l2p_fast.models.assembly`
 
 from .assembly import assemble, assemble_reference
 from .text import L2PTextEncoder
+from .vit import L2PViT
 
-__all__ = ["L2PTextEncoder", "assemble", "assemble_reference"]
+__all__ = ["L2PTextEncoder", "L2PViT", "assemble", "assemble_reference"]

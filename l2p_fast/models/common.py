@@ -5,6 +5,9 @@ Shapes: B batch, S sequence (1 + K·Lp + N), D width, M pool, K top-k, Lp prompt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -59,3 +62,15 @@ def freeze_all_but(module: nn.Module, trainable: tuple[str, ...]) -> None:
     """Set ``requires_grad`` True only for parameters whose name starts with one of ``trainable``."""
     for name, param in module.named_parameters():
         param.requires_grad_(name.startswith(trainable))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode inside the block, then restore every submodule's flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

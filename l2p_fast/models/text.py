@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..pool import FusedPromptPool
 from .assembly import assemble
-from .common import POOL_KEYS, check_head_type, freeze_all_but, pool_tokens, task_prompt_mask
+from .common import POOL_KEYS, check_head_type, eval_mode, freeze_all_but, pool_tokens, task_prompt_mask
 
 TRAINABLE = ("prompt.", "head.")
 
@@ -54,18 +54,6 @@ def _load_backbone(backbone: object) -> tuple[nn.Module, object | None]:
         with contextlib.suppress(OSError, ValueError):
             tokenizer = AutoTokenizer.from_pretrained(path)
     return backbone, tokenizer
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode inside the block, then restore every submodule's flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
