@@ -9,6 +9,21 @@ TORCH_LIBRARY(l2p_fast, m) {
   // argmax (B, D) int64: the token index each max came from; empty for mode 0).
   // mode: 0 mean, 1 max, 2 max + 2 * mean.
   m.def("query_reduce(Tensor x, int mode) -> (Tensor, Tensor)");
+  // Fused prompt pool (SPEC §4), kernels in csrc/cpu/pool.cpp and csrc/cuda/pool.cu.
+  // mode: 0 mean, 1 max, 2 max + 2 * mean, 3 cls_features. Returns (prompted (B, K*Lp+N, D),
+  // x_embed_norm, prompt_norm, similarity, idx (B, K) int64, selected_key, reduce_sim, and for the
+  // backward: argmax (B, D) int32 or (0,), q_sumsq (B,), k_sumsq (M,)).
+  m.def(
+      "pool_forward(Tensor x_embed, Tensor? cls_features, Tensor prompt, Tensor keys, Tensor? prompt_mask, "
+      "int mode, int top_k, bool batchwise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+  // Gradients (x_embed, cls_features, prompt, keys) of pool_forward; (0,)-shaped where not needed.
+  m.def(
+      "pool_backward(Tensor grad_prompted, Tensor grad_x_embed_norm, Tensor grad_prompt_norm, "
+      "Tensor grad_similarity, Tensor grad_selected_key, Tensor grad_reduce_sim, Tensor x_embed_norm, "
+      "Tensor prompt_norm, Tensor q_sumsq, Tensor k_sumsq, Tensor idx, Tensor argmax, int mode, int length, "
+      "ScalarType x_dtype, ScalarType query_dtype, ScalarType prompt_dtype, ScalarType keys_dtype, bool need_x, "
+      "bool need_query, bool need_prompt, bool need_keys) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

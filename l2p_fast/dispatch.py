@@ -15,6 +15,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ ENV_VAR = "L2P_FAST_BACKEND"
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    # torch.compile cannot trace importlib (and ignores functools.cache): a backend already imported
+    # by an eager call is taken from sys.modules, which Dynamo can read.
+    loaded = sys.modules.get(BACKEND_MODULES[name])
+    if loaded is not None:
+        return loaded, None
     try:
         return importlib.import_module(BACKEND_MODULES[name]), None
     except ImportError as error:  # a backend whose module cannot import is simply not available

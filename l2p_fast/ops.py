@@ -57,3 +57,135 @@ if _native.is_built():
     torch.library.register_autograd(
         "l2p_fast::query_reduce", _query_reduce_backward, setup_context=_query_reduce_setup
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# l2p_fast::pool_forward / l2p_fast::pool_backward                              [native, fused]
+# The whole pool-mode forward (SPEC §4) in one op; its backward in a second op. Kernels in
+# csrc/cpu/pool.cpp and csrc/cuda/pool.cu; arithmetic shared in csrc/common/pool_math.h.
+# ---------------------------------------------------------------------------------------------
+POOL_MODES = {"mean": 0, "max": 1, "mean_max": 2, "cls": 1}  # 'cls' without cls_features: the token max
+POOL_MODE_CLS = 3  # the query is cls_features
+
+
+def pool_mode(embedding_key: str, has_cls_features: bool) -> int:
+    """Query mode of ``pool_forward``: 0 mean, 1 max, 2 mean_max, 3 cls_features."""
+    if embedding_key == "cls" and has_cls_features:
+        return POOL_MODE_CLS
+    return POOL_MODES[embedding_key]
+
+
+def _pool_forward_fake(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise):
+    batch, tokens, width = x_embed.shape
+    pool, length, _ = prompt.shape
+    k = prompt_mask.shape[1] if prompt_mask is not None else top_k
+    acc = torch.promote_types(torch.promote_types(x_embed.dtype, keys.dtype), torch.float32)
+    out = torch.promote_types(prompt.dtype, x_embed.dtype)
+    return (
+        x_embed.new_empty((batch, k * length + tokens, width), dtype=out),
+        x_embed.new_empty((batch, width), dtype=acc),
+        x_embed.new_empty((pool, width), dtype=acc),
+        x_embed.new_empty((batch, pool), dtype=acc),
+        x_embed.new_empty((batch, k), dtype=torch.int64),
+        x_embed.new_empty((batch, k, width), dtype=acc),
+        x_embed.new_empty((), dtype=acc),
+        x_embed.new_empty((batch, width) if mode in (1, 2) else (0,), dtype=torch.int32),
+        x_embed.new_empty((batch,), dtype=acc),
+        x_embed.new_empty((pool,), dtype=acc),
+    )
+
+
+def _pool_backward_fake(grad_prompted, grad_x_embed_norm, grad_prompt_norm, grad_similarity, grad_selected_key,
+                        grad_reduce_sim, x_embed_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, mode, length,
+                        x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query, need_prompt, need_keys):
+    batch, seq, width = grad_prompted.shape
+    tokens = seq - idx.shape[1] * length
+    pool = prompt_norm.shape[0]
+    new = grad_prompted.new_empty
+    return (
+        new((batch, tokens, width) if need_x else (0,), dtype=x_dtype),
+        new((batch, width) if need_query and mode == POOL_MODE_CLS else (0,), dtype=query_dtype),
+        new((pool, length, width) if need_prompt else (0,), dtype=prompt_dtype),
+        new((pool, width) if need_keys else (0,), dtype=keys_dtype),
+    )
+
+
+def _pool_forward_setup(ctx, inputs, output) -> None:
+    x_embed, cls_features, prompt, keys, _mask, mode, _top_k, _batchwise = inputs
+    prompted, x_norm, prompt_norm, _sim, idx, _selected, _reduce, argmax, q_sumsq, k_sumsq = output
+    ctx.mark_non_differentiable(idx, argmax, q_sumsq, k_sumsq)
+    ctx.save_for_backward(x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax)
+    ctx.mode = mode
+    ctx.length = prompt.shape[1]
+    ctx.x_dtype = x_embed.dtype
+    ctx.query_dtype = cls_features.dtype if cls_features is not None else x_embed.dtype
+    ctx.prompt_dtype = prompt.dtype
+    ctx.keys_dtype = keys.dtype
+    ctx.prompted_meta = (prompted.shape, prompted.dtype)
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _pool_forward_backward(ctx, g_prompted, g_x_norm, g_prompt_norm, g_sim, _g_idx, g_selected, g_reduce, *_):
+    x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax = ctx.saved_tensors
+    need_x, need_cls, need_prompt, need_keys = ctx.needs_input_grad[:4]
+    if g_prompted is None:
+        shape, dtype = ctx.prompted_meta
+        g_prompted = x_norm.new_zeros(shape, dtype=dtype)
+    batch, pool, k = x_norm.shape[0], prompt_norm.shape[0], idx.shape[1]
+    g_x_norm = _zeros_if_none(g_x_norm, x_norm)
+    g_prompt_norm = _zeros_if_none(g_prompt_norm, prompt_norm)
+    g_sim = x_norm.new_zeros((batch, pool)) if g_sim is None else g_sim
+    g_selected = x_norm.new_zeros((batch, k, x_norm.shape[1])) if g_selected is None else g_selected
+    g_reduce = x_norm.new_zeros(()) if g_reduce is None else g_reduce
+    # With the query from cls_features, grad x_embed is the token slice of grad_prompted: a view, no copy.
+    x_as_view = need_x and ctx.mode == POOL_MODE_CLS
+    grad_x, grad_cls, grad_prompt, grad_keys = torch.ops.l2p_fast.pool_backward(
+        g_prompted, g_x_norm, g_prompt_norm, g_sim, g_selected, g_reduce, x_norm, prompt_norm, q_sumsq, k_sumsq,
+        idx, argmax, ctx.mode, ctx.length, ctx.x_dtype, ctx.query_dtype, ctx.prompt_dtype, ctx.keys_dtype,
+        need_x and not x_as_view, need_cls, need_prompt, need_keys,
+    )
+    if x_as_view:
+        grad_x = g_prompted[:, k * ctx.length:].to(ctx.x_dtype)
+    return (
+        grad_x if need_x else None,
+        grad_cls if need_cls else None,
+        grad_prompt if need_prompt else None,
+        grad_keys if need_keys else None,
+        None, None, None, None,
+    )
+
+
+def pool_forward(
+    x_embed: Tensor,
+    prompt: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    batchwise: bool,
+    cls_features: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Fused native pool forward: x_embed (B, N, D), prompt (M, Lp, D), keys (M, D) → SPEC §4.5 tensors.
+
+    cls_features (B, D) is the query when ``embedding_key == 'cls'``; prompt_mask (B, K') replaces the
+    selection. Differentiable in x_embed, cls_features, prompt and keys.
+    """
+    mode = pool_mode(embedding_key, cls_features is not None)
+    out = torch.ops.l2p_fast.pool_forward(
+        x_embed, cls_features if mode == POOL_MODE_CLS else None, prompt, keys, prompt_mask, mode, top_k, batchwise
+    )
+    names = ("prompted_embedding", "x_embed_norm", "prompt_norm", "similarity", "prompt_idx", "selected_key",
+             "reduce_sim")
+    return dict(zip(names, out[: len(names)], strict=True))
+
+
+if _native.is_built() and hasattr(torch.ops.l2p_fast, "pool_forward"):
+    torch.library.register_fake("l2p_fast::pool_forward")(_pool_forward_fake)
+    torch.library.register_fake("l2p_fast::pool_backward")(_pool_backward_fake)
+    torch.library.register_autograd(
+        "l2p_fast::pool_forward", _pool_forward_backward, setup_context=_pool_forward_setup
+    )

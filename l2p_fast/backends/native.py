@@ -1,4 +1,8 @@
-"""The native backend: C++ kernels of ``l2p_fast._C`` on CPU tensors ('cpu') and CUDA tensors ('cuda')."""
+"""The native backend: C++ kernels of ``l2p_fast._C`` on CPU tensors ('cpu') and CUDA tensors ('cuda').
+
+``pool_forward`` runs the fused op ``l2p_fast::pool_forward`` (and its backward op); see
+``l2p_fast.ops`` for the fakes and autograd and ``csrc/`` for the kernels.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from .. import _native, ops
 from .. import reference as ref
 
 NATIVE_POOL_OP = "pool_forward"
+
+__all__ = ["pool_forward", "prepend", "query", "unavailable_reason"]
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
@@ -30,4 +36,5 @@ def query(x_embed: torch.Tensor, embedding_key: str) -> torch.Tensor:
     return ops.query_reduce(x_embed, embedding_key)
 
 
+pool_forward = ops.pool_forward
 prepend = ref.prepend

@@ -1,0 +1,376 @@
+// CPU fused prompt pool (SPEC §4). Forward: the token slice of each output row is copied once while
+// the query is reduced in the same pass; then normalise + score + top-K (tie rule) + batch vote +
+// pull term; then the selected prompts fill the head of each row. Every output row is written once.
+// Backward: deterministic per-prompt reduction of grad prompt (fixed (row, slot) order, no scatter
+// temporary), grad of the token slice (+ query gradient), grads of keys and query through the pull
+// term. Per-row arithmetic comes from common/pool_math.h, shared with the CUDA kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/pool_host.h"
+#include "common/pool_math.h"
+
+namespace l2p_fast {
+namespace {
+
+using math::cast_to;
+
+template <typename src_t, typename dst_t>
+inline void copy_row(const src_t* src, dst_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(src_t));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = cast_to<dst_t>(src[i]);
+  }
+}
+
+// Calls f(double{}) or f(float{}): the accumulation type of the similarity stage.
+template <typename F>
+void dispatch_acc(at::ScalarType acc_type, F&& f) {
+  if (acc_type == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward
+// ----------------------------------------------------------------------------------------------
+
+// Copies x[b] into prompted[b, K*Lp:] and reduces the query of row b from the same reads.
+template <typename x_t, typename out_t, typename acc_t>
+void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
+  const int64_t tokens = a.tokens, width = a.width, mode = a.mode;
+  const int64_t seq = a.top_k * a.length + tokens, offset = a.top_k * a.length;
+  const x_t* x = a.x.data_ptr<x_t>();
+  out_t* out = o.prompted.data_ptr<out_t>();
+  int32_t* argmax = (mode == 1 || mode == 2) ? o.argmax.data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(mode == kModeCls ? 0 : width), best(mode == kModeCls ? 0 : width);
+    std::vector<int32_t> arg(mode == kModeCls ? 0 : width);
+    for (int64_t b = begin; b < end; ++b) {
+      const x_t* src = x + b * tokens * width;
+      out_t* dst = out + (b * seq + offset) * width;
+      if (mode == kModeCls) {
+        copy_row(src, dst, tokens * width);
+        continue;
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(arg.begin(), arg.end(), 0);
+      for (int64_t n = 0; n < tokens; ++n) {
+        const x_t* token = src + n * width;
+        copy_row(token, dst + n * width, width);
+        if (mode == 0) {
+          for (int64_t d = 0; d < width; ++d) sum[d] += cast_to<acc_t>(token[d]);
+        } else {
+          const int32_t n32 = static_cast<int32_t>(n);
+          for (int64_t d = 0; d < width; ++d) {
+            const acc_t v = cast_to<acc_t>(token[d]);
+            sum[d] += v;
+            const bool greater = v > best[d];  // strict: the first maximum wins, as torch.max does
+            best[d] = greater ? v : best[d];
+            arg[d] = greater ? n32 : arg[d];
+          }
+        }
+      }
+      for (int64_t d = 0; d < width; ++d) q[b * width + d] = math::finish_query(mode, sum[d], best[d], tokens);
+      if (argmax != nullptr) std::memcpy(argmax + b * width, arg.data(), width * sizeof(int32_t));
+    }
+  });
+}
+
+// Normalise queries and keys, score, select (top-K, tie rule, vote), selected keys, pull term.
+template <typename acc_t>
+void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
+  const int64_t batch = a.batch, width = a.width, pool = a.pool, top_k = a.top_k;
+  const acc_t* keys = a.keys.data_ptr<acc_t>();
+  acc_t* xn = o.x_norm.data_ptr<acc_t>();
+  acc_t* kn = o.prompt_norm.data_ptr<acc_t>();
+  acc_t* sim = o.similarity.data_ptr<acc_t>();
+  acc_t* qs = o.q_sumsq.data_ptr<acc_t>();
+  acc_t* ks = o.k_sumsq.data_ptr<acc_t>();
+  int64_t* idx = o.idx.data_ptr<int64_t>();
+  const auto normalise = [width](const acc_t* v, acc_t* out, acc_t* sumsq) {
+    *sumsq = math::row_dot(v, v, width);
+    const acc_t r = math::inverse_norm(*sumsq);
+    for (int64_t d = 0; d < width; ++d) out[d] = v[d] * r;
+  };
+  at::parallel_for(0, pool, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) normalise(keys + m * width, kn + m * width, ks + m);
+  });
+  const bool choose = !a.mask.defined();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      normalise(q + b * width, xn + b * width, qs + b);
+      acc_t* row = sim + b * pool;
+      for (int64_t m = 0; m < pool; ++m) row[m] = math::row_dot(xn + b * width, kn + m * width, width);
+      if (!choose) continue;
+      for (int64_t m = 0; m < pool; ++m) {
+        const int64_t rank = math::descending_rank(row, pool, m);
+        if (rank < top_k) idx[b * top_k + rank] = m;
+      }
+    }
+  });
+  if (!choose) {
+    for (int64_t i = 0; i < batch * top_k; ++i) {
+      TORCH_CHECK(idx[i] >= 0 && idx[i] < pool, "pool_forward: prompt_mask ids must be in [0, ", pool, "), got ",
+                  idx[i]);
+    }
+  } else if (a.batchwise) {
+    std::vector<int64_t> counts(pool, 0), winners(top_k, 0);
+    for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+    for (int64_t m = 0; m < pool; ++m) {
+      const int64_t rank = math::descending_rank(counts.data(), pool, m);
+      if (rank < top_k) winners[rank] = m;
+    }
+    for (int64_t b = 0; b < batch; ++b) std::memcpy(idx + b * top_k, winners.data(), top_k * sizeof(int64_t));
+  }
+  acc_t* selected = o.selected_key.data_ptr<acc_t>();
+  at::parallel_for(0, batch * top_k, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::memcpy(selected + i * width, kn + idx[i] * width, width * sizeof(acc_t));
+  });
+  acc_t total = 0;  // serial, fixed order: independent of the thread count
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t k = 0; k < top_k; ++k) total += sim[b * pool + idx[b * top_k + k]];
+  }
+  *o.reduce_sim.data_ptr<acc_t>() = total / static_cast<acc_t>(batch);
+}
+
+// prompted[b, j*Lp : (j+1)*Lp] = prompt[idx[b, j]] (prompt already in the output dtype).
+template <typename out_t>
+void gather_prompts(const ForwardArgs& a, ForwardOutputs& o) {
+  const int64_t top_k = a.top_k, block = a.length * a.width;
+  const int64_t seq = top_k * a.length + a.tokens;
+  const out_t* prompt = a.prompt.data_ptr<out_t>();
+  out_t* out = o.prompted.data_ptr<out_t>();
+  const int64_t* idx = o.idx.data_ptr<int64_t>();
+  at::parallel_for(0, a.batch * top_k, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / top_k, j = i % top_k;
+      std::memcpy(out + b * seq * a.width + j * block, prompt + idx[i] * block, block * sizeof(out_t));
+    }
+  });
+}
+
+ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
+                               const at::Tensor& prompt, const at::Tensor& keys,
+                               const std::optional<at::Tensor>& prompt_mask, int64_t mode, int64_t top_k,
+                               bool batchwise) {
+  const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise);
+  ForwardOutputs o = allocate_forward(a);
+  at::Tensor q = a.mode == kModeCls ? a.cls : at::empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_forward_cpu", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_type, "pool_forward_cpu_out", [&] {
+      using out_t = scalar_t;
+      dispatch_acc(a.acc_type, [&](auto acc_tag) {
+        using acc_t = decltype(acc_tag);
+        copy_tokens_and_reduce<x_t, out_t, acc_t>(a, o, q.data_ptr<acc_t>());
+        score_and_select<acc_t>(a, o, q.data_ptr<acc_t>());
+      });
+      gather_prompts<out_t>(a, o);
+    });
+  });
+  return o.as_tuple();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward
+// ----------------------------------------------------------------------------------------------
+
+// grad of the query (B, D) and of the keys (M, D), both before the dtype casts, through
+// x_embed_norm, prompt_norm, similarity, selected_key and reduce_sim.
+template <typename acc_t>
+void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
+  const int64_t batch = a.batch, width = a.width, pool = a.pool, top_k = a.top_k;
+  const acc_t* xn = a.x_norm.data_ptr<acc_t>();
+  const acc_t* kn = a.prompt_norm.data_ptr<acc_t>();
+  const acc_t* g_xn = a.grad_x_norm.data_ptr<acc_t>();
+  const acc_t* g_kn = a.grad_prompt_norm.data_ptr<acc_t>();
+  const acc_t* g_sim = a.grad_similarity.data_ptr<acc_t>();
+  const acc_t* g_sel = a.grad_selected_key.data_ptr<acc_t>();
+  const acc_t* qs = a.q_sumsq.data_ptr<acc_t>();
+  const acc_t* ks = a.k_sumsq.data_ptr<acc_t>();
+  const int64_t* idx = a.idx.data_ptr<int64_t>();
+  const acc_t coef = *a.grad_reduce_sim.data_ptr<acc_t>() / static_cast<acc_t>(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(width);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t d = 0; d < width; ++d) g[d] = g_xn[b * width + d];
+      for (int64_t m = 0; m < pool; ++m) {
+        const acc_t s = g_sim[b * pool + m];
+        for (int64_t d = 0; d < width; ++d) g[d] += s * kn[m * width + d];
+      }
+      for (int64_t k = 0; k < top_k; ++k) {
+        const acc_t* key = kn + idx[b * top_k + k] * width;
+        for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
+      }
+      const acc_t dot = math::row_dot(xn + b * width, g.data(), width);
+      for (int64_t d = 0; d < width; ++d) {
+        grad_q[b * width + d] = math::l2n_grad(g[d], xn[b * width + d], dot, qs[b]);
+      }
+    }
+  });
+  if (grad_k == nullptr) return;
+  at::parallel_for(0, pool, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(width);
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t d = 0; d < width; ++d) g[d] = g_kn[m * width + d];
+      for (int64_t b = 0; b < batch; ++b) {
+        const acc_t s = g_sim[b * pool + m];
+        for (int64_t d = 0; d < width; ++d) g[d] += s * xn[b * width + d];
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t k = 0; k < top_k; ++k) {
+          if (idx[b * top_k + k] != m) continue;
+          const acc_t* sel = g_sel + (b * top_k + k) * width;
+          for (int64_t d = 0; d < width; ++d) g[d] += sel[d] + coef * xn[b * width + d];
+        }
+      }
+      const acc_t dot = math::row_dot(kn + m * width, g.data(), width);
+      for (int64_t d = 0; d < width; ++d) {
+        grad_k[m * width + d] = math::l2n_grad(g[d], kn[m * width + d], dot, ks[m]);
+      }
+    }
+  });
+}
+
+// grad x (B, N, D) = token slice of grad_prompted + the query gradient through mean / max.
+template <typename grad_t, typename x_t, typename acc_t>
+void token_grads(const BackwardArgs& a, const acc_t* grad_q, x_t* grad_x) {
+  const int64_t tokens = a.tokens, width = a.width, mode = a.mode;
+  const int64_t offset = a.top_k * a.length, seq = offset + tokens;
+  const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
+  const int32_t* argmax = (mode == 1 || mode == 2) ? a.argmax.data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean_part(width);
+    for (int64_t b = begin; b < end; ++b) {
+      const grad_t* src = g + (b * seq + offset) * width;
+      x_t* dst = grad_x + b * tokens * width;
+      if (mode == kModeCls) {
+        copy_row(src, dst, tokens * width);
+        continue;
+      }
+      const acc_t* gq = grad_q + b * width;
+      for (int64_t d = 0; d < width; ++d) mean_part[d] = math::mean_grad(mode, gq[d], tokens);
+      for (int64_t n = 0; n < tokens; ++n) {
+        const grad_t* s = src + n * width;
+        x_t* t = dst + n * width;
+        if (argmax == nullptr) {
+          for (int64_t d = 0; d < width; ++d) t[d] = cast_to<x_t>(cast_to<acc_t>(s[d]) + mean_part[d]);
+        } else {
+          const int32_t* arg = argmax + b * width;
+          const int32_t n32 = static_cast<int32_t>(n);
+          for (int64_t d = 0; d < width; ++d) {
+            const acc_t hit = arg[d] == n32 ? gq[d] : acc_t(0);
+            t[d] = cast_to<x_t>(cast_to<acc_t>(s[d]) + mean_part[d] + hit);
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad prompt[m, l] = Σ over the (row b, slot j) with idx[b, j] == m, in increasing (b, j) order,
+// of grad_prompted[b, j*Lp + l]: deterministic, parallel over (prompt, token) rows.
+template <typename grad_t, typename prompt_t>
+void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
+  using sum_t = std::conditional_t<std::is_same_v<grad_t, double> || std::is_same_v<prompt_t, double>, double, float>;
+  const int64_t pool = a.pool, top_k = a.top_k, length = a.length, width = a.width;
+  const int64_t seq = top_k * length + a.tokens, pairs = a.batch * top_k;
+  const int64_t* idx = a.idx.data_ptr<int64_t>();
+  std::vector<int64_t> start(pool + 1, 0), order(pairs);
+  for (int64_t i = 0; i < pairs; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < pool, "pool_backward: ids must be in [0, ", pool, "), got ", idx[i]);
+    ++start[idx[i] + 1];
+  }
+  for (int64_t m = 0; m < pool; ++m) start[m + 1] += start[m];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < pairs; ++i) order[fill[idx[i]]++] = i;  // increasing i = (b, j) order
+  const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
+  at::parallel_for(0, pool * length, 1, [&](int64_t begin, int64_t end) {
+    std::vector<sum_t> acc(width);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t m = row / length, l = row % length;
+      std::fill(acc.begin(), acc.end(), sum_t(0));
+      for (int64_t p = start[m]; p < start[m + 1]; ++p) {
+        const int64_t b = order[p] / top_k, j = order[p] % top_k;
+        const grad_t* src = g + (b * seq + j * length + l) * width;
+        for (int64_t d = 0; d < width; ++d) acc[d] += cast_to<sum_t>(src[d]);
+      }
+      prompt_t* dst = grad_prompt + row * width;
+      for (int64_t d = 0; d < width; ++d) dst[d] = cast_to<prompt_t>(acc[d]);
+    }
+  });
+}
+
+BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const at::Tensor& grad_x_norm,
+                                 const at::Tensor& grad_prompt_norm, const at::Tensor& grad_similarity,
+                                 const at::Tensor& grad_selected_key, const at::Tensor& grad_reduce_sim,
+                                 const at::Tensor& x_norm, const at::Tensor& prompt_norm, const at::Tensor& q_sumsq,
+                                 const at::Tensor& k_sumsq, const at::Tensor& idx, const at::Tensor& argmax,
+                                 int64_t mode, int64_t length, at::ScalarType x_dtype, at::ScalarType query_dtype,
+                                 at::ScalarType prompt_dtype, at::ScalarType keys_dtype, bool need_x, bool need_query,
+                                 bool need_prompt, bool need_keys) {
+  const BackwardArgs a = prepare_backward(grad_prompted, grad_x_norm, grad_prompt_norm, grad_similarity,
+                                          grad_selected_key, grad_reduce_sim, x_norm, prompt_norm, q_sumsq, k_sumsq,
+                                          idx, argmax, mode, length);
+  const auto opts = grad_prompted.options();
+  at::Tensor grad_x = at::empty({0}, opts.dtype(x_dtype));
+  at::Tensor grad_query = at::empty({0}, opts.dtype(query_dtype));
+  at::Tensor grad_prompt = at::empty({0}, opts.dtype(prompt_dtype));
+  at::Tensor grad_keys = at::empty({0}, opts.dtype(keys_dtype));
+  const bool query_used = (need_x && mode != kModeCls) || (need_query && mode == kModeCls);
+  at::Tensor grad_q;
+  if (query_used || need_keys) {
+    grad_q = at::empty({a.batch, a.width}, opts.dtype(a.acc_type));
+    at::Tensor grad_k = need_keys ? at::empty({a.pool, a.width}, opts.dtype(a.acc_type)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(a.acc_type, "pool_backward_cpu_small", [&] {
+      query_and_key_grads<scalar_t>(a, grad_q.data_ptr<scalar_t>(), need_keys ? grad_k.data_ptr<scalar_t>() : nullptr);
+    });
+    if (need_keys) grad_keys = grad_k.to(keys_dtype);
+    if (need_query && mode == kModeCls) grad_query = grad_q.to(query_dtype);
+  }
+  if (need_x) {
+    grad_x = at::empty({a.batch, a.tokens, a.width}, opts.dtype(x_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_prompted.scalar_type(), "pool_bwd_x", [&] {
+      using grad_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "pool_bwd_x2", [&] {
+        using x_t = scalar_t;
+        dispatch_acc(a.acc_type, [&](auto acc_tag) {
+          using acc_t = decltype(acc_tag);
+          token_grads<grad_t, x_t, acc_t>(a, mode == kModeCls ? nullptr : grad_q.data_ptr<acc_t>(),
+                                          grad_x.data_ptr<x_t>());
+        });
+      });
+    });
+  }
+  if (need_prompt) {
+    grad_prompt = at::empty({a.pool, a.length, a.width}, opts.dtype(prompt_dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_prompted.scalar_type(), "pool_bwd_p", [&] {
+      using grad_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prompt_dtype, "pool_bwd_p2", [&] {
+        prompt_grads<grad_t, scalar_t>(a, grad_prompt.data_ptr<scalar_t>());
+      });
+    });
+  }
+  return {grad_x, grad_query, grad_prompt, grad_keys};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2p_fast, CPU, m) {
+  m.impl("pool_forward", &pool_forward_cpu);
+  m.impl("pool_backward", &pool_backward_cpu);
+}
+
+}  // namespace l2p_fast
