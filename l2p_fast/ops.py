@@ -60,6 +60,211 @@ if _native.is_built():
 
 
 # ---------------------------------------------------------------------------------------------
+# Triton ops (kernels in kernels/, host launchers in l2p_fast/backends/triton.py, imported lazily
+# so that TRITON_INTERPRET can still be set after l2p_fast is imported). query_mode: 0 mean,
+# 1 max, 2 max + 2·mean, 3 cls_features. ct = compute dtype (fp32, fp64 for fp64 inputs).
+# ---------------------------------------------------------------------------------------------
+def _triton_launchers():
+    from .backends import triton as launchers
+
+    return launchers
+
+
+def _triton_ct(x_dtype: torch.dtype, key_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x_dtype, key_dtype), torch.float32)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_pool_forward",
+    mutates_args=(),
+    schema="(Tensor x_embed, Tensor prompt, Tensor keys, Tensor? cls_features, Tensor? prompt_mask, int query_mode, "
+    "int top_k, bool batchwise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def triton_pool_forward(
+    x_embed: Tensor,
+    prompt: Tensor,
+    keys: Tensor,
+    cls_features: Tensor | None,
+    prompt_mask: Tensor | None,
+    query_mode: int,
+    top_k: int,
+    batchwise: bool,
+) -> tuple[Tensor, ...]:
+    """x_embed (B, N, D), prompt (M, Lp, D), keys (M, D) → (prompt_norm (M, D), x_embed_norm (B, D),
+    similarity (B, M), selected_key (B, K, D), reduce_sim (), prompted_embedding (B, K·Lp + N, D),
+    idx (B, K) int64, key_sumsq (M,), query_sumsq (B,), argmax (B, D) int32 or (0,)); K = prompt_mask.shape[1]
+    or top_k. The last four outputs are not differentiable (the backward reads them)."""
+    return _triton_launchers().launch_pool_forward(
+        x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise
+    )
+
+
+@triton_pool_forward.register_fake
+def _triton_pool_forward_fake(x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise):
+    batch, tokens, width = x_embed.shape
+    pool_size, length = prompt.shape[:2]
+    k = prompt_mask.shape[1] if prompt_mask is not None else top_k
+    ct = _triton_ct(x_embed.dtype, keys.dtype)
+    new = x_embed.new_empty
+    return (
+        new((pool_size, width), dtype=ct),
+        new((batch, width), dtype=ct),
+        new((batch, pool_size), dtype=ct),
+        new((batch, k, width), dtype=ct),
+        new((), dtype=ct),
+        new((batch, k * length + tokens, width), dtype=torch.promote_types(prompt.dtype, x_embed.dtype)),
+        new((batch, k), dtype=torch.int64),
+        new((pool_size,), dtype=ct),
+        new((batch,), dtype=ct),
+        new((batch, width) if query_mode in (1, 2) else (0,), dtype=torch.int32),
+    )
+
+
+def _triton_pool_forward_setup(ctx, inputs, output) -> None:
+    x_embed, prompt, keys, cls_features, _mask, query_mode, _top_k, _batchwise = inputs
+    prompt_norm, x_norm, _, _, _, _, idx, key_sumsq, query_sumsq, argmax = output
+    ctx.mark_non_differentiable(idx, key_sumsq, query_sumsq, argmax)
+    ctx.set_materialize_grads(False)  # unused outputs cost nothing in the backward
+    ctx.save_for_backward(idx, prompt_norm, x_norm, key_sumsq, query_sumsq, argmax)
+    ctx.query_mode = query_mode
+    ctx.x_dtype, ctx.tokens = x_embed.dtype, x_embed.shape[1]
+    ctx.pool_size, ctx.length, ctx.prompt_dtype = prompt.shape[0], prompt.shape[1], prompt.dtype
+    ctx.keys_dtype = keys.dtype
+    ctx.cls_dtype = None if cls_features is None else cls_features.dtype
+
+
+def _triton_pool_forward_backward(ctx, g_pn, g_xn, g_sim, g_sel, g_rs, g_out, *_non_differentiable):
+    idx, prompt_norm, x_norm, key_sumsq, query_sumsq, argmax = ctx.saved_tensors
+    need_x, need_prompt, need_keys, need_cls = ctx.needs_input_grad[:4]
+    prompt_tokens = idx.shape[1] * ctx.length
+    grad_prompt = None
+    if need_prompt and g_out is not None:
+        grad_prompt = triton_grad_prompt(g_out, idx, ctx.pool_size, ctx.length, ctx.prompt_dtype)
+    grad_keys = grad_query = None
+    similarity_grads = (g_pn, g_xn, g_sim, g_sel, g_rs)
+    if any(g is not None for g in similarity_grads) and (need_keys or need_x or need_cls):
+        grad_keys, grad_query = triton_grad_similarity(
+            *similarity_grads, idx, prompt_norm, x_norm, key_sumsq, query_sumsq, ctx.keys_dtype
+        )
+    grad_x = grad_cls = None
+    if ctx.query_mode == 3:
+        grad_cls = None if grad_query is None or not need_cls else grad_query.to(ctx.cls_dtype)
+        grad_query = None  # the tokens only receive the token slice
+    if need_x and grad_query is not None:
+        grad_x = triton_grad_x(g_out, grad_query, argmax, ctx.query_mode, ctx.tokens, prompt_tokens, ctx.x_dtype)
+    elif need_x and g_out is not None:
+        grad_x = g_out[:, prompt_tokens:].to(ctx.x_dtype)  # a view when the dtypes match: no copy
+    return grad_x, grad_prompt, grad_keys if need_keys else None, grad_cls, None, None, None, None
+
+
+triton_pool_forward.register_autograd(_triton_pool_forward_backward, setup_context=_triton_pool_forward_setup)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_prepend", mutates_args=(), schema="(Tensor prompt, Tensor x_embed) -> Tensor"
+)
+def triton_prepend(prompt: Tensor, x_embed: Tensor) -> Tensor:
+    """Non-pool mode: prompt (Lp, D) before every row of x_embed (B, N, D) → (B, Lp + N, D)."""
+    return _triton_launchers().launch_prepend(prompt, x_embed)
+
+
+@triton_prepend.register_fake
+def _triton_prepend_fake(prompt, x_embed):
+    batch, tokens, width = x_embed.shape
+    dtype = torch.promote_types(prompt.dtype, x_embed.dtype)
+    return x_embed.new_empty((batch, prompt.shape[0] + tokens, width), dtype=dtype)
+
+
+def _triton_prepend_setup(ctx, inputs, output) -> None:
+    prompt, x_embed = inputs
+    ctx.length, ctx.prompt_dtype, ctx.x_dtype = prompt.shape[0], prompt.dtype, x_embed.dtype
+
+
+def _triton_prepend_backward(ctx, g_out):
+    grad_prompt = grad_x = None
+    if ctx.needs_input_grad[0]:
+        rows = g_out.new_zeros((g_out.shape[0], 1), dtype=torch.int64)  # every row uses prompt 0
+        grad_prompt = triton_grad_prompt(g_out, rows, 1, ctx.length, ctx.prompt_dtype)[0]
+    if ctx.needs_input_grad[1]:
+        grad_x = g_out[:, ctx.length:].to(ctx.x_dtype)
+    return grad_prompt, grad_x
+
+
+triton_prepend.register_autograd(_triton_prepend_backward, setup_context=_triton_prepend_setup)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_grad_prompt",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor idx, int pool_size, int length, ScalarType dtype) -> Tensor",
+)
+def triton_grad_prompt(grad_out: Tensor, idx: Tensor, pool_size: int, length: int, dtype: torch.dtype) -> Tensor:
+    """grad prompt (M, Lp, D): Σ of grad_out (B, K·Lp + N, D) slot rows over every (b, j) with idx[b, j] = m."""
+    return _triton_launchers().launch_grad_prompt(grad_out, idx, pool_size, length, dtype)
+
+
+@triton_grad_prompt.register_fake
+def _triton_grad_prompt_fake(grad_out, idx, pool_size, length, dtype):
+    return grad_out.new_empty((pool_size, length, grad_out.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_grad_similarity",
+    mutates_args=(),
+    schema="(Tensor? grad_prompt_norm, Tensor? grad_x_norm, Tensor? grad_similarity, Tensor? grad_selected, "
+    "Tensor? grad_reduce_sim, Tensor idx, Tensor prompt_norm, Tensor x_norm, Tensor key_sumsq, "
+    "Tensor query_sumsq, ScalarType keys_dtype) -> (Tensor, Tensor)",
+)
+def triton_grad_similarity(
+    grad_prompt_norm: Tensor | None,
+    grad_x_norm: Tensor | None,
+    grad_similarity: Tensor | None,
+    grad_selected: Tensor | None,
+    grad_reduce_sim: Tensor | None,
+    idx: Tensor,
+    prompt_norm: Tensor,
+    x_norm: Tensor,
+    key_sumsq: Tensor,
+    query_sumsq: Tensor,
+    keys_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(grad keys (M, D) in keys_dtype, grad of the raw query (B, D) in ct) through the pull term and l2n."""
+    return _triton_launchers().launch_grad_similarity(
+        grad_prompt_norm, grad_x_norm, grad_similarity, grad_selected, grad_reduce_sim, idx, prompt_norm, x_norm,
+        key_sumsq, query_sumsq, keys_dtype,
+    )
+
+
+@triton_grad_similarity.register_fake
+def _triton_grad_similarity_fake(g_pn, g_xn, g_sim, g_sel, g_rs, idx, prompt_norm, x_norm, kss, qss, keys_dtype):
+    return prompt_norm.new_empty(prompt_norm.shape, dtype=keys_dtype), torch.empty_like(x_norm)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_grad_x",
+    mutates_args=(),
+    schema="(Tensor? grad_out, Tensor grad_query, Tensor argmax, int query_mode, int tokens, int prompt_tokens, "
+    "ScalarType dtype) -> Tensor",
+)
+def triton_grad_x(
+    grad_out: Tensor | None,
+    grad_query: Tensor,
+    argmax: Tensor,
+    query_mode: int,
+    tokens: int,
+    prompt_tokens: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """grad x_embed (B, N, D): token slice of grad_out + grad_query (B, D) through the mean / first argmax."""
+    return _triton_launchers().launch_grad_x(grad_out, grad_query, argmax, query_mode, tokens, prompt_tokens, dtype)
+
+
+@triton_grad_x.register_fake
+def _triton_grad_x_fake(grad_out, grad_query, argmax, query_mode, tokens, prompt_tokens, dtype):
+    return grad_query.new_empty((grad_query.shape[0], tokens, grad_query.shape[1]), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # l2p_fast::pool_forward / l2p_fast::pool_backward                              [native, fused]
 # The whole pool-mode forward (SPEC §4) in one op; its backward in a second op. Kernels in
 # csrc/cpu/pool.cpp and csrc/cuda/pool.cu; arithmetic shared in csrc/common/pool_math.h.
