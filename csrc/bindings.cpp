@@ -24,6 +24,12 @@ TORCH_LIBRARY(l2p_fast, m) {
       "Tensor prompt_norm, Tensor q_sumsq, Tensor k_sumsq, Tensor idx, Tensor argmax, int mode, int length, "
       "ScalarType x_dtype, ScalarType query_dtype, ScalarType prompt_dtype, ScalarType keys_dtype, bool need_x, "
       "bool need_query, bool need_prompt, bool need_keys) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One-pass sequence assembly of the prompted models (csrc/cpu/assemble.cpp, csrc/cuda/assemble.cu):
+  // [cls (1|B, 1, D), prompt[idx] (B, K*Lp, D), x (B, N, D)] + pos (1, 1+K*Lp+N, D) written once,
+  // in the promoted dtype. assemble_prompt_grad: grad (B, S, D) -> (M, Lp, D), the deterministic
+  // per-prompt sum over the rows that selected it.
+  m.def("assemble(Tensor x, Tensor prompt, Tensor idx, Tensor cls, Tensor? pos) -> Tensor");
+  m.def("assemble_prompt_grad(Tensor grad, Tensor idx, int pool_size, int length) -> Tensor");
 }
 
 static bool built_with_cuda() {

@@ -394,3 +394,93 @@ if _native.is_built() and hasattr(torch.ops.l2p_fast, "pool_forward"):
     torch.library.register_autograd(
         "l2p_fast::pool_forward", _pool_forward_backward, setup_context=_pool_forward_setup
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence assembly of the prompted models (l2p_fast/models/assembly.py is the reference).
+# l2p_fast::assemble(x (B, N, D), prompt (M, Lp, D), idx (B, K), cls (1|B, 1, D), pos? (1, S, D))
+#   -> [cls, prompt[idx], x] + pos (B, S = 1 + K·Lp + N, D) in the promoted dtype      [native]
+# l2p_fast::assemble_prompt_grad(grad (B, S, D), idx, M, Lp) -> (M, Lp, D)             [native]
+# l2p_fast::assemble_triton / assemble_prompt_grad_triton: the same, as Triton custom ops (kernels in
+# kernels/assemble.py, launchers in l2p_fast/models/assembly_triton.py, imported lazily).
+# ---------------------------------------------------------------------------------------------
+def _assemble_fake(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    dtype = torch.promote_types(torch.promote_types(x.dtype, prompt.dtype), cls.dtype)
+    dtype = dtype if pos is None else torch.promote_types(dtype, pos.dtype)
+    seq = 1 + idx.shape[1] * prompt.shape[1] + x.shape[1]
+    return x.new_empty((x.shape[0], seq, x.shape[2]), dtype=dtype)
+
+
+def _assemble_prompt_grad_fake(grad: Tensor, idx: Tensor, pool_size: int, length: int) -> Tensor:
+    return grad.new_empty((pool_size, length, grad.shape[2]))
+
+
+def _assemble_setup(ctx, inputs, output) -> None:
+    x, prompt, idx, cls, pos = inputs
+    ctx.save_for_backward(idx)
+    ctx.meta = (x.dtype, prompt.dtype, prompt.shape[0], prompt.shape[1], cls.dtype, cls.shape[0])
+    ctx.pos_dtype = None if pos is None else pos.dtype
+
+
+def _assemble_grads(ctx, grad: Tensor, prompt_grad) -> tuple[Tensor | None, ...]:
+    """Grads of (x, prompt, idx, cls, pos): slices/sums of ``grad``; the prompt's by ``prompt_grad``."""
+    (idx,) = ctx.saved_tensors
+    x_dtype, prompt_dtype, pool_size, length, cls_dtype, cls_rows = ctx.meta
+    need = ctx.needs_input_grad
+    grad_x = grad[:, 1 + idx.shape[1] * length :].to(x_dtype) if need[0] else None
+    grad_prompt = prompt_grad(grad, idx, pool_size, length).to(prompt_dtype) if need[1] else None
+    grad_cls = None
+    if need[3]:
+        grad_cls = (grad[:, :1].sum(0, keepdim=True) if cls_rows == 1 else grad[:, :1]).to(cls_dtype)
+    grad_pos = grad.sum(0, keepdim=True).to(ctx.pos_dtype) if ctx.pos_dtype is not None and need[4] else None
+    return grad_x, grad_prompt, None, grad_cls, grad_pos
+
+
+def _assemble_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    return _assemble_grads(ctx, grad, torch.ops.l2p_fast.assemble_prompt_grad)
+
+
+def assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    """Native one-pass assembly ``[cls, prompt[idx], x] + pos`` → (B, 1 + K·Lp + N, D); differentiable."""
+    return torch.ops.l2p_fast.assemble(x, prompt, idx, cls, pos)
+
+
+if _native.is_built() and hasattr(torch.ops.l2p_fast, "assemble"):
+    torch.library.register_fake("l2p_fast::assemble")(_assemble_fake)
+    torch.library.register_fake("l2p_fast::assemble_prompt_grad")(_assemble_prompt_grad_fake)
+    torch.library.register_autograd("l2p_fast::assemble", _assemble_backward, setup_context=_assemble_setup)
+
+
+def _assembly_launchers():
+    from .models import assembly_triton
+
+    return assembly_triton
+
+
+@torch.library.custom_op(
+    "l2p_fast::assemble_prompt_grad_triton",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor idx, int pool_size, int length) -> Tensor",
+)
+def assemble_prompt_grad_triton(grad: Tensor, idx: Tensor, pool_size: int, length: int) -> Tensor:
+    """Triton per-prompt grad sum: grad (B, 1 + K·Lp + N, D), idx (B, K) → (M, Lp, D) in grad's dtype."""
+    return _assembly_launchers().launch_prompt_grad(grad, idx, pool_size, length)
+
+
+assemble_prompt_grad_triton.register_fake(_assemble_prompt_grad_fake)
+
+
+@torch.library.custom_op(
+    "l2p_fast::assemble_triton",
+    mutates_args=(),
+    schema="(Tensor x, Tensor prompt, Tensor idx, Tensor cls, Tensor? pos) -> Tensor",
+)
+def assemble_triton(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    """Triton one-pass assembly ``[cls, prompt[idx], x] + pos`` → (B, 1 + K·Lp + N, D); differentiable."""
+    return _assembly_launchers().launch_assemble(x, prompt, idx, cls, pos)
+
+
+assemble_triton.register_fake(_assemble_fake)
+assemble_triton.register_autograd(
+    lambda ctx, grad: _assemble_grads(ctx, grad, assemble_prompt_grad_triton), setup_context=_assemble_setup
+)

@@ -10,7 +10,6 @@ concat, concat, add); the fused backends (native C++/CUDA op, Triton) must match
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -111,13 +110,29 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return f"unknown assembly backend {name!r}; known: {ASSEMBLY_BACKENDS}"
 
 
-@functools.cache
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def clear_cache() -> None:
+    """Forget the backends resolved so far (for tests that change the environment)."""
+    _RESOLVED.clear()
+
+
+@torch.compiler.assume_constant_result
 def resolve(requested: str, device_type: str) -> str:
     """Assembly backend for a model's ``backend`` argument ('auto' or a pool backend name).
 
     ``auto`` picks the best available by static facts only (quietly falling back to the
     reference); an explicit pool backend maps to its assembly twin and raises if that cannot run.
+    The answer is cached per (request, device type), and is a constant to ``torch.compile``.
     """
+    key = (requested, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(requested, device_type)
+    return _RESOLVED[key]
+
+
+def _resolve(requested: str, device_type: str) -> str:
     if requested != "auto":
         name = POOL_TO_ASSEMBLY.get(requested, requested)
         reason = unavailable_reason(name, device_type)

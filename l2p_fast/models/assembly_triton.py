@@ -1,0 +1,58 @@
+"""Host launchers of the Triton sequence assembly (device code: ``l2p_fast.kernels.assemble``).
+
+Imported lazily by the ``l2p_fast::assemble_triton`` ops (``l2p_fast/ops.py``), so TRITON_INTERPRET
+may be set after ``l2p_fast`` is imported. Inputs are strided views as they come (no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels import assemble as device
+
+MAX_BLOCK_D = 1024
+
+
+def _block_d(width: int) -> int:
+    return min(MAX_BLOCK_D, triton.next_power_of_2(max(width, 1)))
+
+
+def launch_assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    """[cls (1|B, 1, D), prompt[idx] (B, K·Lp, D), x (B, N, D)] + pos (1, S, D) → (B, S, D), promoted dtype."""
+    batch, tokens, width = x.shape
+    pool_size, length = prompt.shape[:2]
+    prompt_len = idx.shape[1] * length
+    seq = 1 + prompt_len + tokens
+    dtype = torch.promote_types(torch.promote_types(x.dtype, prompt.dtype), cls.dtype)
+    dtype = dtype if pos is None else torch.promote_types(dtype, pos.dtype)
+    out = torch.empty((batch, seq, width), dtype=dtype, device=x.device)
+    block_d = _block_d(width)
+    block_r = max(1, min(64, triton.next_power_of_2(seq), 8192 // block_d))
+    grid = (batch, triton.cdiv(seq, block_r))
+    pos_arg = pos if pos is not None else out
+    device.assemble_kernel[grid](
+        x, prompt, idx, cls, pos_arg, out,
+        tokens, width, pool_size, length, prompt_len, seq,
+        *x.stride(), *prompt.stride(), *idx.stride(),
+        0 if cls.shape[0] == 1 else cls.stride(0), cls.stride(2),
+        pos_arg.stride(1), pos_arg.stride(2),
+        HAS_POS=pos is not None, ACC_FP64=dtype == torch.float64, BLOCK_R=block_r, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def launch_prompt_grad(grad: Tensor, idx: Tensor, pool_size: int, length: int) -> Tensor:
+    """Per-prompt grad (M, Lp, D): Σ of grad's rows 1 + j·Lp + l over every (b, j) with idx[b, j] = m."""
+    batch, _, width = grad.shape
+    out = torch.empty((pool_size, length, width), dtype=grad.dtype, device=grad.device)
+    block_d = _block_d(width)
+    grid = (pool_size * length, triton.cdiv(width, block_d))
+    device.prompt_grad_kernel[grid](
+        grad, idx, out,
+        batch, idx.shape[1], width, length,
+        *grad.stride(), *idx.stride(),
+        ACC_FP64=grad.dtype == torch.float64, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
