@@ -1,14 +1,29 @@
-"""Continual learning: benchmarks, metrics and plots (``l2p_fast.continual.plots``, needs matplotlib)."""
+"""Continual learning: benchmarks, metrics, methods, the trainer, comparisons and plots.
+
+``train(RunConfig(method="l2p"), "runs/l2p")`` runs one method; ``compare("l2p,seq", config, "runs/cmp")``
+several. Plots need matplotlib, models need transformers / timm; both are imported only when used.
+"""
 
 from .benchmarks import ContinualBenchmark, available_benchmarks, get_benchmark
+from .checkpoint import CheckpointError
+from .compare import compare
+from .config import METHODS, RunConfig, resolve
 from .metrics import average_accuracy, backward_transfer, forgetting, summarize
+from .trainer import Trainer, train
 
 __all__ = [
+    "METHODS",
+    "CheckpointError",
     "ContinualBenchmark",
+    "RunConfig",
+    "Trainer",
     "available_benchmarks",
     "average_accuracy",
     "backward_transfer",
+    "compare",
     "forgetting",
     "get_benchmark",
+    "resolve",
     "summarize",
+    "train",
 ]

@@ -1,0 +1,130 @@
+"""The ``l2p-fast`` command line: ``train`` one method, or ``compare`` several on one benchmark.
+
+Every argument is checked (names, numbers, the output folder) before any data or model is loaded;
+a bad one ends the command with ``l2p-fast: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+# (flag, config field, argparse options); defaults are None so that unset flags keep the config's defaults
+OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--benchmark", "benchmark", {"help": "wordnet20 (default, offline), split_cifar100, five_datasets, "
+                                          "image_folder, tensor_file"}),
+    ("--data", "data", {"help": "path of a tensor_file / image_folder benchmark, or the torchvision data root"}),
+    ("--download", "download", {"action": "store_true", "default": None, "help": "let torchvision download data"}),
+    ("--classes-per-task", "classes_per_task", {"type": int}),
+    ("--class-order-seed", "class_order_seed", {"type": int, "help": "shuffle the class order with this seed"}),
+    ("--train-per-class", "train_per_class", {"type": int, "help": "text: keep this many training examples per class"}),
+    ("--test-per-class", "test_per_class", {"type": int, "help": "text: keep this many test examples per class"}),
+    ("--backbone", "backbone", {"help": "text: transformers folder or hub name (default: offline all-MiniLM-L6-v2); "
+                                        "images: timm ViT name (default vit_base_patch16_224)"}),
+    ("--no-pretrained", "pretrained", {"action": "store_false", "default": None, "help": "images: random weights"}),
+    ("--image-size", "image_size", {"type": int}),
+    ("--max-length", "max_length", {"type": int, "help": "text: tokens per example (truncation)"}),
+    ("--epochs", "epochs", {"type": int, "help": "epochs per task (wordnet20 default: the demo budget)"}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--eval-batch-size", "eval_batch_size", {"type": int}),
+    ("--lr", "lr", {"type": float, "help": "Adam learning rate (default: per method)"}),
+    ("--seed", "seed", {"type": int}),
+    ("--clip-grad", "clip_grad", {"type": float, "help": "gradient-norm clipping (0: off)"}),
+    ("--train-mask", "train_mask", {"help": "classes in the training loss: task, seen or all (default: per method)"}),
+    ("--pool-size", "pool_size", {"type": int, "help": "L2P: prompts in the pool (M)"}),
+    ("--top-k", "top_k", {"type": int, "help": "L2P: prompts chosen per input (K)"}),
+    ("--prompt-length", "prompt_length", {"type": int, "help": "L2P: tokens per prompt (Lp)"}),
+    ("--pull-lambda", "pull_lambda", {"type": float, "help": "L2P: weight λ of the pull constraint"}),
+    ("--batchwise-prompt", "batchwise_prompt", {"action": "store_true", "default": None,
+                                                "help": "L2P: batch-wise prompt vote"}),
+    ("--prompt-mask", "use_prompt_mask", {"action": "store_true", "default": None,
+                                          "help": "L2P: train task t on prompts t·K … t·K+K−1"}),
+    ("--head-type", "head_type", {"help": "L2P: token, prompt, token+prompt or gap"}),
+    ("--backend", "backend", {"help": "prompt-pool backend: auto, reference, cpu, cuda, triton"}),
+    ("--ewc-lambda", "ewc_lambda", {"type": float}),
+    ("--fisher-samples", "fisher_samples", {"type": int}),
+    ("--buffer-per-class", "buffer_per_class", {"type": int, "help": "replay: stored examples per class"}),
+    ("--replay-batch-size", "replay_batch_size", {"type": int}),
+    ("--checkpoint-every", "checkpoint_every", {"type": int, "help": "steps between checkpoints (0: per task only)"}),
+    ("--device", "device", {"help": "auto, cpu or cuda"}),
+    ("--threads", "num_threads", {"type": int}),
+    ("--no-progress", "progress", {"action": "store_false", "default": None}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``l2p-fast``."""
+    parser = argparse.ArgumentParser(prog="l2p-fast", description="Learning to Prompt: continual-learning runs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one method; writes OUTPUT/results.json and plots")
+    train.add_argument("--method", required=True, help="l2p, l2p+er, seq, seq-frozen, ewc, er or joint")
+    compare = commands.add_parser("compare", help="train several methods; prints a table, writes plots")
+    compare.add_argument("--methods", default="l2p,seq,seq-frozen,ewc,er,joint",
+                         help="comma-separated methods (default: l2p,seq,seq-frozen,ewc,er,joint)")
+    for sub in (train, compare):
+        sub.add_argument("--output", required=True, help="folder for results, checkpoints and plots")
+        sub.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        for flag, dest, options in OPTIONS:
+            sub.add_argument(flag, dest=dest, **{"default": None, **options})
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, method: str) -> Any:
+    """A :class:`RunConfig` from parsed arguments (unset flags keep the defaults)."""
+    from .continual.config import RunConfig
+
+    names = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return RunConfig(**{**values, "method": method})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``l2p-fast`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .continual.checkpoint import CheckpointError
+    from .continual.compare import compare, parse_methods
+    from .continual.config import resolve
+    from .continual.output import ensure_writable_dir
+    from .continual.report import comparison_table, write_run_plots
+    from .continual.trainer import Trainer
+
+    try:
+        if args.command == "train":
+            config = resolve(config_from_args(args, args.method))
+            ensure_writable_dir(args.output, "output")
+            trainer = Trainer(config, args.output, resume=args.resume)
+        else:
+            methods = parse_methods(args.methods)
+            config = config_from_args(args, methods[0])
+            for name in methods:
+                resolve(config_from_args(args, name))
+            ensure_writable_dir(args.output, "output")
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"l2p-fast: error: {error}\n")
+    try:
+        if args.command == "train":
+            results = trainer.run()
+            write_run_plots(results, args.output)
+            print(comparison_table([results]))
+        else:
+            results = compare(methods, config, args.output, resume=args.resume)
+            print()
+            print(comparison_table(results))
+            print(f"\nresults, plots and checkpoints in {args.output}")
+    except (CheckpointError, ValueError) as error:
+        parser.exit(2, f"l2p-fast: error: {error}\n")
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The configuration of one continual-learning run, its defaults per method and benchmark, and its checks.
+
+Every field is validated by :func:`validate_config` before any data or model is loaded, so a bad
+number, name or combination fails with a ``ValueError`` naming the argument, what was expected and
+what was given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+METHODS = ("l2p", "l2p+er", "seq", "seq-frozen", "ewc", "er", "joint")
+PROMPT_METHODS = ("l2p", "l2p+er")
+REPLAY_METHODS = ("er", "l2p+er")
+TRAIN_MASKS = ("task", "seen", "all")
+HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# learning rate and train-time logit mask of each method when the config leaves them unset
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "l2p": {"lr": 0.01, "train_mask": "task"},
+    "l2p+er": {"lr": 0.01, "train_mask": "seen"},
+    "seq": {"lr": 5e-5, "train_mask": "seen"},
+    "seq-frozen": {"lr": 0.01, "train_mask": "seen"},
+    "ewc": {"lr": 5e-5, "train_mask": "seen"},
+    "er": {"lr": 5e-5, "train_mask": "seen"},
+    "joint": {"lr": 5e-5, "train_mask": "all"},
+}
+
+# the budget each benchmark runs with when epochs / subset sizes are left unset (wordnet20: the demo)
+BENCHMARK_BUDGETS: dict[str, dict[str, Any]] = {
+    "wordnet20": {"epochs": 2, "train_per_class": 60, "test_per_class": 50},
+}
+DEFAULT_EPOCHS = 5
+
+# fields that do not change the numbers of a run (left out of the resume fingerprint)
+NON_RESULT_FIELDS = ("device", "num_threads", "checkpoint_every", "progress", "eval_batch_size")
+
+
+@dataclass
+class RunConfig:
+    """All settings of one run; ``None`` means "the method's / benchmark's default" (see :func:`resolve`)."""
+
+    method: str = "l2p"
+    benchmark: str = "wordnet20"
+    data: str | None = None  # tensor_file / image_folder path, or the torchvision root of image benchmarks
+    download: bool = False
+    classes_per_task: int | None = None
+    class_order_seed: int | None = None
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    backbone: str | None = None  # text: transformers folder/name (None: offline all-MiniLM-L6-v2); image: timm name
+    pretrained: bool = True
+    image_size: int = 224
+    max_length: int = 32
+    epochs: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float | None = None
+    seed: int = 0
+    clip_grad: float = 1.0
+    train_mask: str | None = None
+    # L2P
+    pool_size: int = 10
+    top_k: int = 5
+    prompt_length: int = 5
+    pull_lambda: float = 0.1
+    batchwise_prompt: bool = False
+    use_prompt_mask: bool = False
+    head_type: str = "prompt"
+    backend: str = "auto"
+    # EWC
+    ewc_lambda: float = 100.0
+    fisher_samples: int = 200
+    # replay
+    buffer_per_class: int = 10
+    replay_batch_size: int | None = None
+    # running
+    checkpoint_every: int = 100
+    device: str = "auto"
+    num_threads: int | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the fields that determine the results (resume refuses a checkpoint of another one)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Fill the unset fields from the method and benchmark defaults, then validate; returns a new config."""
+    validate_config(config)
+    method = METHOD_DEFAULTS[config.method]
+    budget = BENCHMARK_BUDGETS.get(config.benchmark, {})
+    out = replace(
+        config,
+        lr=method["lr"] if config.lr is None else config.lr,
+        train_mask=method["train_mask"] if config.train_mask is None else config.train_mask,
+        epochs=budget.get("epochs", DEFAULT_EPOCHS) if config.epochs is None else config.epochs,
+        train_per_class=budget.get("train_per_class") if config.train_per_class is None else config.train_per_class,
+        test_per_class=budget.get("test_per_class") if config.test_per_class is None else config.test_per_class,
+        replay_batch_size=config.batch_size if config.replay_batch_size is None else config.replay_batch_size,
+    )
+    validate_config(out)
+    return out
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, minimum: float, optional: bool = False, strict: bool = False) -> None:
+    if value is None and optional:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+    if not bad:
+        bad = value <= minimum if strict else value < minimum
+    if bad:
+        expected = f"a finite number {'>' if strict else '>='} {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def validate_config(config: RunConfig) -> None:
+    """Raise ``ValueError`` (argument, expected, actual) for any bad field or combination."""
+    from .benchmarks import available_benchmarks
+
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
+    _check_choice("method", config.method, METHODS)
+    _check_choice("benchmark", config.benchmark, tuple(available_benchmarks()))
+    _check_choice("train_mask", config.train_mask, (*TRAIN_MASKS, None))
+    _check_choice("head_type", config.head_type, HEAD_TYPES)
+    _check_choice("device", config.device, DEVICES)
+    _check_choice("backend", config.backend, BACKENDS)
+    for name in ("batch_size", "eval_batch_size", "pool_size", "top_k", "prompt_length", "image_size", "max_length"):
+        _check_int(name, getattr(config, name), 1)
+    for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size"):
+        _check_int(name, getattr(config, name), 1, optional=True)
+    _check_int("num_threads", config.num_threads, 1, optional=True)
+    _check_int("seed", config.seed, 0)
+    _check_int("class_order_seed", config.class_order_seed, 0, optional=True)
+    _check_int("checkpoint_every", config.checkpoint_every, 0)
+    _check_int("fisher_samples", config.fisher_samples, 1)
+    _check_int("buffer_per_class", config.buffer_per_class, 1)
+    _check_float("lr", config.lr, 0.0, optional=True, strict=True)
+    _check_float("clip_grad", config.clip_grad, 0.0)
+    _check_float("pull_lambda", config.pull_lambda, 0.0)
+    _check_float("ewc_lambda", config.ewc_lambda, 0.0)
+    if config.top_k > config.pool_size:
+        raise ValueError(f"top_k: expected at most pool_size ({config.pool_size}), got {config.top_k}")
+    if config.max_length < 2:
+        raise ValueError(f"max_length: expected at least 2 (CLS and one token), got {config.max_length}")
+    if config.backbone is not None and (not isinstance(config.backbone, str) or not config.backbone.strip()):
+        raise ValueError(f"backbone: expected a non-empty name or path, got {config.backbone!r}")
+    if config.benchmark in ("tensor_file", "image_folder") and not config.data:
+        raise ValueError(f"data: benchmark {config.benchmark!r} needs a path (--data), got {config.data!r}")
+    if config.method in REPLAY_METHODS and config.train_mask == "task":
+        raise ValueError(
+            f"train_mask: method {config.method!r} replays old classes, so it needs 'seen' or 'all', got 'task'"
+        )
+    if not isinstance(config.extra, dict):
+        raise ValueError(f"extra: expected a dict, got {type(config.extra).__name__}")

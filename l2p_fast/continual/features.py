@@ -1,0 +1,53 @@
+"""The feature cache: the frozen backbone's feature of every text example, computed once and stored.
+
+With a frozen text backbone and no augmentation, the feature of an example never changes: it is
+the L2P query and the input of ``seq-frozen``'s head. The cache file is named after the backbone's
+and the pool's fingerprints, so a changed model or data set never reads a stale cache; an
+unreadable or mis-shaped cache file is recomputed (and the fact logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .backbones import Backbone, encoder_features
+from .data import Pool, eval_batches
+from .output import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def compute_features(backbone: Backbone, pool: Pool, batch_size: int, device: torch.device | str = "cpu",
+                     progress: bool = False) -> Tensor:
+    """(len(pool), D) fp32 features of every pool item, computed in length-sorted batches, in pool order."""
+    from tqdm.auto import tqdm
+
+    model = backbone.model.to(device)
+    model.eval()
+    out = torch.empty(len(pool), backbone.width, dtype=torch.float32)
+    batches = eval_batches(torch.arange(len(pool)), batch_size, pool.lengths)
+    for batch in tqdm(batches, desc="caching features", unit="batch", leave=False, disable=not progress):
+        out[batch] = encoder_features(backbone.kind, model, pool.collate(batch, device)).float().cpu()
+    return out
+
+
+def cached_features(backbone: Backbone, pool: Pool, cache_dir: str | Path, backbone_fingerprint: str,
+                    batch_size: int, device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+    """Features of ``pool`` from ``cache_dir`` when present and valid, else computed and stored there."""
+    path = Path(cache_dir) / f"features-{backbone_fingerprint[:16]}-{pool.fingerprint()[:16]}.pt"
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(cached, Tensor) and tuple(cached.shape) == (len(pool), backbone.width):
+                return cached
+            log.warning("feature cache %s has the wrong shape; recomputing", path)
+        except Exception as error:  # noqa: BLE001
+            log.warning("feature cache %s is unreadable (%s); recomputing", path, error)
+    features = compute_features(backbone, pool, batch_size, device, progress)
+    atomic_torch_save(features, path)
+    return features

@@ -1,0 +1,412 @@
+"""The training loop of one continual-learning run: tasks in order, evaluation, checkpoints, resume.
+
+For each task: a fresh Adam (β = 0.9, 0.999; per-task reset), ``epochs`` passes over the task's
+training data in a seeded order, logits masked to the allowed classes for the loss (``train_mask``),
+the method's extra terms (pull constraint, EWC penalty), gradient clipping. Then the method's
+end-of-task hook (replay buffer, Fisher) and an evaluation on the test sets of every task seen so
+far, all seen classes competing (SPEC §5, §7). ``joint`` is one phase over all tasks' data.
+
+A checkpoint is written every ``checkpoint_every`` steps and after every task; ``resume=True``
+continues from it and ends with exactly the numbers an uninterrupted run gives: batch orders and
+replay draws come from generators seeded by (seed, task, epoch, step), and the optimiser, method
+state and global RNG state are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .backbones import Backbone, load_backbone
+from .benchmarks import ContinualBenchmark, get_benchmark
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .config import RunConfig, resolve
+from .data import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
+from .features import cached_features
+from .methods import Method, TaskEnd, make_method
+from .output import ensure_writable_dir, write_json
+
+log = logging.getLogger(__name__)
+RESULTS_NAME = "results.json"
+StepHook = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: the tasks whose data it trains on, the prompt task id, the tasks evaluated after it."""
+
+    task_id: int
+    train_tasks: tuple[int, ...]
+    eval_tasks: tuple[int, ...]
+
+
+def phases_of(method: str, num_tasks: int) -> list[Phase]:
+    """One phase per task, or a single phase over all tasks for ``joint``."""
+    if method == "joint":
+        every = tuple(range(num_tasks))
+        return [Phase(-1, every, every)]
+    return [Phase(t, (t,), tuple(range(t + 1))) for t in range(num_tasks)]
+
+
+def load_run_benchmark(config: RunConfig) -> ContinualBenchmark:
+    """The benchmark of a resolved config, with its options (data path, subset sizes, class order)."""
+    options: dict[str, Any] = {}
+    if config.classes_per_task is not None:
+        options["classes_per_task"] = config.classes_per_task
+    if config.class_order_seed is not None:
+        options["seed"] = config.class_order_seed
+    name = config.benchmark
+    if name == "wordnet20":
+        options.update(train_per_class=config.train_per_class, test_per_class=config.test_per_class)
+        if config.data:
+            options["path"] = config.data
+    elif name in ("tensor_file", "image_folder"):
+        options["path" if name == "tensor_file" else "root"] = config.data
+        if name == "image_folder":
+            options["image_size"] = config.image_size
+        options.setdefault("classes_per_task", 2)
+    else:  # torchvision benchmarks
+        options.update(root=config.data or "data", download=config.download, image_size=config.image_size)
+    return get_benchmark(name, **options)
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms inside the block (restored after)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises ``ValueError``."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_mask(kind: str, benchmark: ContinualBenchmark, tasks: tuple[int, ...], device: torch.device) -> Tensor:
+    """Bool (C,) of the classes allowed in the loss: the phase's ('task'), all seen ('seen') or all ('all')."""
+    mask = torch.zeros(benchmark.num_classes, dtype=torch.bool, device=device)
+    if kind == "all":
+        mask[:] = True
+    elif kind == "seen":
+        mask[: benchmark.num_seen_classes(max(tasks))] = True
+    else:
+        for t in tasks:
+            mask[benchmark.task_labels(t)] = True
+    return mask
+
+
+class Trainer:
+    """Runs one method on one benchmark and writes ``results.json`` (see :meth:`run`).
+
+    ``backbone``: a loaded :class:`Backbone` to use instead of loading ``config.backbone`` (tests,
+    or :func:`compare` sharing one load). ``step_hook(global_step)`` runs after every optimiser step
+    (tests inject interruptions with it). ``cache_dir`` holds cached text features (default
+    ``output/cache``).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        output: str | Path,
+        *,
+        resume: bool = False,
+        backbone: Backbone | None = None,
+        step_hook: StepHook | None = None,
+        cache_dir: str | Path | None = None,
+        benchmark: ContinualBenchmark | None = None,
+    ) -> None:
+        self.config = resolve(config)
+        self.output = ensure_writable_dir(output, "output")
+        self.resume = resume
+        self.step_hook = step_hook
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.output / "cache"
+        self.device = pick_device(self.config.device)
+        self._backbone = backbone
+        self._benchmark = benchmark
+        checkpoint = self.output / CHECKPOINT_NAME
+        if checkpoint.exists() and not resume:
+            raise CheckpointError(
+                f"output: {self.output} already holds a checkpoint of a run; pass --resume to continue it, "
+                "or choose another --output"
+            )
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        self.benchmark = self._benchmark if self._benchmark is not None else load_run_benchmark(cfg)
+        kind = "text" if self.benchmark.modality == "text" else "vision"
+        if self._backbone is None:
+            self._backbone = load_backbone(kind, cfg.backbone, cfg.pretrained, cfg.image_size)
+        if self._backbone.kind != kind:
+            raise ValueError(
+                f"backbone: benchmark {cfg.benchmark!r} needs a {kind} backbone, got a {self._backbone.kind} one"
+            )
+        self.backbone = self._backbone
+        self.backbone_fingerprint = self.backbone.fingerprint()
+        self.train_pool = build_pool(self.benchmark, "train", self.backbone.tokenizer, cfg.max_length)
+        self.test_pool = build_pool(self.benchmark, "test", self.backbone.tokenizer, cfg.max_length)
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes)
+        self.method.model.to(self.device)
+        self.phases = phases_of(cfg.method, self.benchmark.num_tasks)
+        self.train_cache = self.test_cache = None
+        if self.method.uses_feature_cache:
+            self.train_cache = self._features(self.train_pool)
+            self.test_cache = self._features(self.test_pool)
+
+    def _features(self, pool: Pool) -> Tensor:
+        return cached_features(
+            self.backbone, pool, self.cache_dir, self.backbone_fingerprint, self.config.eval_batch_size,
+            self.device, progress=self.config.progress,
+        ).to(self.device)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.method.trainable_parameters(), lr=self.config.lr, betas=(0.9, 0.999))
+
+    # -- one batch ----------------------------------------------------------------------------------------------
+    def _forward(self, indices: Tensor, task_id: int, train: bool, pool: Pool, cache: Tensor | None) -> dict[str, Any]:
+        inputs = pool.collate(indices, self.device) if self.method.needs_inputs else None
+        cached = cache[indices.to(cache.device)] if cache is not None else None
+        return self.method.forward(inputs, cached, task_id, train)
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train every phase (resuming from the checkpoint when asked), evaluate, write and return the results."""
+        threads = torch.get_num_threads()
+        try:
+            if self.config.num_threads is not None:
+                torch.set_num_threads(self.config.num_threads)
+            with deterministic(self.device):
+                return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        started = time.perf_counter()
+        self._setup()
+        num_tasks = self.benchmark.num_tasks
+        rows: list[list[float]] = []
+        counts_train = torch.zeros(num_tasks, cfg.pool_size, dtype=torch.long)
+        counts_test = torch.zeros(num_tasks, cfg.pool_size, dtype=torch.long)
+        position = {"phase": 0, "epoch": 0, "step": 0, "global_step": 0}
+        elapsed = {"train": 0.0, "eval": 0.0, "setup": 0.0, "examples": 0}
+        optimizer_state = None
+        checkpoint_path = self.output / CHECKPOINT_NAME
+        if self.resume and checkpoint_path.exists():
+            state = load_checkpoint(checkpoint_path, cfg.fingerprint(), self.backbone_fingerprint)
+            try:
+                self.method.load_model_state(state["model"])
+                self.method.load_state_dict(state["method"])
+                rows = [list(r) for r in state["rows"]]
+                counts_train = state["counts_train"].clone()
+                counts_test = state["counts_test"].clone()
+                position = dict(state["position"])
+                elapsed = dict(state["elapsed"])
+                optimizer_state = state["optimizer"]
+                torch.set_rng_state(state["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise CheckpointError(f"checkpoint {checkpoint_path}: does not fit this run ({error})") from error
+            log.info("resuming %s at phase %d epoch %d step %d", cfg.method, position["phase"], position["epoch"],
+                     position["step"])
+        elif self.resume:
+            log.info("no checkpoint in %s: starting from the beginning", self.output)
+        elapsed["setup"] += time.perf_counter() - started
+
+        sizes = [len(self.train_pool.task_indices(list(p.train_tasks))) for p in self.phases]
+        total = sum(sizes) * cfg.epochs
+        done = sum(sizes[: position["phase"]]) * cfg.epochs + sizes[min(position["phase"], len(sizes) - 1)] * (
+            position["epoch"] if position["phase"] < len(sizes) else 0
+        )
+        bar = tqdm(total=total, initial=min(done, total), unit="ex", dynamic_ncols=True, disable=not cfg.progress,
+                   desc=cfg.method)
+
+        def checkpoint(pos: dict[str, int], optimizer: torch.optim.Optimizer | None) -> None:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "config_fingerprint": cfg.fingerprint(),
+                    "backbone_fingerprint": self.backbone_fingerprint,
+                    "config": cfg.to_dict(),
+                    "position": dict(pos),
+                    "model": self.method.model_state(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                    "method": self.method.state_dict(),
+                    "rows": rows,
+                    "counts_train": counts_train,
+                    "counts_test": counts_test,
+                    "elapsed": elapsed,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+
+        labels = self.train_pool.labels.to(self.device)
+        for p in range(position["phase"], len(self.phases)):
+            phase = self.phases[p]
+            mask = class_mask(cfg.train_mask, self.benchmark, phase.train_tasks, self.device)
+            optimizer = self._new_optimizer()
+            if optimizer_state and p == position["phase"] and (position["epoch"] or position["step"]):
+                optimizer.load_state_dict(optimizer_state)
+            indices = self.train_pool.task_indices(list(phase.train_tasks))
+            first_epoch = position["epoch"] if p == position["phase"] else 0
+            for epoch in range(first_epoch, cfg.epochs):
+                batches = train_batches(indices, cfg.batch_size, generator(cfg.seed, "epoch", p, epoch),
+                                        self.train_pool.lengths)
+                first_step = position["step"] if (p == position["phase"] and epoch == first_epoch) else 0
+                if first_step:
+                    bar.update(sum(len(b) for b in batches[:first_step]))
+                bar.set_description(f"{cfg.method} task {p + 1}/{len(self.phases)} epoch {epoch + 1}/{cfg.epochs}")
+                tick = time.perf_counter()
+                self.method.model.train()
+                for step in range(first_step, len(batches)):
+                    batch = batches[step]
+                    if self.method.buffer is not None:
+                        draw = generator(cfg.seed, "replay", p, epoch, step)
+                        replay = self.method.buffer.sample(cfg.replay_batch_size, draw)
+                        batch = torch.cat([batch, replay])
+                    out = self._forward(batch, phase.task_id, True, self.train_pool, self.train_cache)
+                    loss, parts = self.method.loss(out, labels[batch.to(self.device)], mask)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(self.method.trainable_parameters(), cfg.clip_grad)
+                    optimizer.step()
+                    if "prompt_idx" in out:
+                        current = out["prompt_idx"][: len(batches[step])].flatten().cpu()
+                        counts_train[max(phase.train_tasks)] += torch.bincount(current, minlength=cfg.pool_size)
+                    position.update(phase=p, epoch=epoch, step=step + 1)
+                    position["global_step"] += 1
+                    elapsed["examples"] += len(batches[step])
+                    bar.update(len(batches[step]))
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                    if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0:
+                        elapsed["train"] += time.perf_counter() - tick
+                        tick = time.perf_counter()
+                        checkpoint(position, optimizer)
+                    if self.step_hook is not None:
+                        self.step_hook(position["global_step"])
+                elapsed["train"] += time.perf_counter() - tick
+                position.update(epoch=epoch + 1, step=0)
+            tick = time.perf_counter()
+            self.method.model.eval()
+            self.method.end_task(
+                TaskEnd(max(phase.train_tasks), indices, self.train_pool.labels,
+                        generator(cfg.seed, "end_task", p), self._loss_on(phase, mask))
+            )
+            row, counts = self._evaluate(phase)
+            rows.append(row)
+            if counts is not None:
+                counts_test = counts
+            elapsed["eval"] += time.perf_counter() - tick
+            position.update(phase=p + 1, epoch=0, step=0)
+            checkpoint(position, None)
+        bar.close()
+        results = self._results(rows, counts_train, counts_test, elapsed)
+        write_json(self.output / RESULTS_NAME, results)
+        return results
+
+    def _loss_on(self, phase: Phase, mask: Tensor) -> Callable[[Tensor], Tensor]:
+        labels = self.train_pool.labels.to(self.device)
+
+        def loss_on(indices: Tensor) -> Tensor:
+            out = self._forward(indices, phase.task_id, True, self.train_pool, self.train_cache)
+            return Method.loss(self.method, out, labels[indices.to(self.device)], mask)[0]
+
+        return loss_on
+
+    @torch.no_grad()
+    def _evaluate(self, phase: Phase) -> tuple[list[float], Tensor | None]:
+        """Accuracy (%) on each evaluated task's test set, all seen classes competing; prompt counts per task."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        pool = self.test_pool
+        seen = self.benchmark.num_seen_classes(max(phase.eval_tasks))
+        indices = pool.task_indices(list(phase.eval_tasks))
+        correct = torch.zeros(self.benchmark.num_tasks, dtype=torch.long)
+        totals = torch.zeros(self.benchmark.num_tasks, dtype=torch.long)
+        counts = None
+        batches = eval_batches(indices, cfg.eval_batch_size, pool.lengths)
+        for batch in tqdm(batches, desc=f"{cfg.method} eval", unit="batch", leave=False, disable=not cfg.progress):
+            out = self._forward(batch, -1, False, pool, self.test_cache)
+            pred = out["logits"][:, :seen].argmax(dim=1).cpu()
+            hit = (pred == pool.labels[batch]).long()
+            tasks = pool.tasks[batch]
+            correct.index_add_(0, tasks, hit)
+            totals.index_add_(0, tasks, torch.ones_like(hit))
+            if "prompt_idx" in out:
+                if counts is None:
+                    counts = torch.zeros(self.benchmark.num_tasks, cfg.pool_size, dtype=torch.long)
+                ids = out["prompt_idx"].cpu()
+                for t in tasks.unique().tolist():
+                    counts[t] += torch.bincount(ids[tasks == t].flatten(), minlength=cfg.pool_size)
+        row = [100.0 * float(correct[t]) / max(int(totals[t]), 1) for t in phase.eval_tasks]
+        return row, counts
+
+    def _results(self, rows: list[list[float]], counts_train: Tensor, counts_test: Tensor,
+                 elapsed: dict[str, float]) -> dict[str, Any]:
+        cfg = self.config
+        bench = self.benchmark
+        if cfg.method == "joint":
+            average, forget, curve, bwt = sum(rows[0]) / len(rows[0]), None, None, None
+        else:
+            summary = metrics.summarize(rows)
+            average, forget = summary["average_accuracy"], summary["forgetting"]
+            curve, bwt = summary["average_accuracy_curve"], summary["backward_transfer"]
+        seconds = elapsed["setup"] + elapsed["train"] + elapsed["eval"]
+        results: dict[str, Any] = {
+            "method": cfg.method,
+            "benchmark": cfg.benchmark,
+            "average_accuracy": average,
+            "forgetting": forget,
+            "backward_transfer": bwt,
+            "accuracy_matrix": rows,
+            "average_accuracy_curve": curve,
+            "final_accuracy_per_task": rows[-1],
+            "seconds": seconds,
+            "train_seconds": elapsed["train"],
+            "eval_seconds": elapsed["eval"],
+            "train_examples": int(elapsed["examples"]),
+            "train_examples_per_second": elapsed["examples"] / elapsed["train"] if elapsed["train"] else None,
+            "num_tasks": bench.num_tasks,
+            "tasks": [[bench.class_names[c] for c in classes] for classes in bench.tasks],
+            "train_size": len(self.train_pool),
+            "test_size": len(self.test_pool),
+            "trainable_parameters": sum(p.numel() for p in self.method.trainable_parameters()),
+            "backbone": self.backbone.name,
+            "device": str(self.device),
+            "config": cfg.to_dict(),
+        }
+        if self.method.uses_prompts:
+            results["prompt_counts_train"] = counts_train.tolist()
+            results["prompt_counts_test"] = counts_test.tolist()
+        if self.method.buffer is not None:
+            results["buffer_size"] = len(self.method.buffer)
+        return results
+
+
+def train(config: RunConfig, output: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Run one method (see :class:`Trainer`) and return its results dict."""
+    return Trainer(config, output, **kwargs).run()
