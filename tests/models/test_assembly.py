@@ -222,3 +222,20 @@ def test_native_wrapper_is_the_registered_op() -> None:
     require("native")
     args = inputs(CASES[1])
     assert torch.equal(ops.assemble(*args), torch.ops.l2p_fast.assemble(*args))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_reference(backend: str) -> None:
+    reason = assembly.unavailable_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(f"assembly backend {backend!r} unavailable on cuda: {reason}")
+    base = [None if t is None else t.cuda() for t in inputs(CASES[0], torch.float64)]
+    assert torch.equal(assemble(*base, backend=backend), assemble_reference(*base))
+    leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in base]
+    assemble(*leaves, backend=backend).square().sum().backward()
+    ref_leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in base]
+    assemble_reference(*ref_leaves).square().sum().backward()
+    for got, expected in zip(leaves, ref_leaves, strict=True):
+        if got.is_floating_point():
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-12, atol=1e-12)
