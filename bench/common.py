@@ -1,0 +1,175 @@
+"""Shapes, providers, the floor and the byte model of the prompt-pool benchmarks.
+
+Providers come from the dispatch table: every backend that runs on the benchmark device (besides the
+reference) as ``FusedPromptPool(backend=name)``, next to the reference in eager mode (behaves like
+the upstream module) and ``torch.compile`` of the reference. Shapes: B batch, N tokens, D width,
+M pool, K top-k, Lp prompt length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import torch
+
+from l2p_fast import FusedPromptPool, available_backends
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmarked configuration (batch vote on, query from cls_features: the L2P setting)."""
+
+    batch: int
+    tokens: int
+    width: int
+    pool_size: int
+    top_k: int
+    length: int
+    embedding_key: str = "cls"
+
+    @property
+    def seq(self) -> int:
+        return self.top_k * self.length + self.tokens
+
+    @property
+    def name(self) -> str:
+        return (f"B{self.batch}-N{self.tokens}-D{self.width}-M{self.pool_size}-K{self.top_k}-Lp{self.length}"
+                f"-{self.embedding_key}")
+
+
+L2P_CONFIGS = ((10, 5, 5), (20, 4, 10))  # (M, K, Lp): Split CIFAR-100 and 5-datasets
+FULL_SHAPES = tuple(
+    Shape(batch, 196, width, *config)
+    for width, configs in ((768, L2P_CONFIGS), (192, L2P_CONFIGS[:1]))
+    for config in configs
+    for batch in (16, 64, 128)
+) + (Shape(16, 196, 768, 10, 5, 5, "mean"),)
+SMOKE_SHAPES = (Shape(2, 7, 16, 4, 2, 2), Shape(3, 5, 8, 4, 2, 3, "mean_max"))
+
+
+def device() -> torch.device:
+    """The benchmark device: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_backends(device_type: str) -> list[str]:
+    """Fused backends to benchmark on ``device_type`` (Triton's CPU interpreter is not a benchmark)."""
+    names = [name for name in available_backends(device_type) if name != "reference"]
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        names = [name for name in names if name != "triton"]
+    return names
+
+
+def provider_names(device_type: str, with_compile: bool) -> list[str]:
+    """Providers side by side: eager reference, compiled reference, then every fused backend."""
+    return ["eager"] + (["compile"] if with_compile else []) + native_backends(device_type)
+
+
+def make_pool(shape: Shape, provider: str, dev: torch.device, seed: int = 0) -> tuple[FusedPromptPool, Callable]:
+    """The module of ``provider`` with seeded random parameters, and the callable to time."""
+    torch.manual_seed(seed)
+    backend = "reference" if provider in ("eager", "compile") else provider
+    pool = FusedPromptPool(length=shape.length, embed_dim=shape.width, embedding_key=shape.embedding_key,
+                           prompt_pool=True, prompt_key=True, pool_size=shape.pool_size, top_k=shape.top_k,
+                           batchwise_prompt=True, backend=backend).to(dev)
+    forward = torch.compile(pool.forward, fullgraph=True) if provider == "compile" else pool.forward
+    return pool, forward
+
+
+def make_inputs(shape: Shape, dev: torch.device, requires_grad: bool, seed: int = 1) -> dict[str, torch.Tensor]:
+    """x_embed (B, N, D), cls_features (B, D), and the upstream gradient of prompted_embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.batch, shape.tokens, shape.width, generator=gen).to(dev).requires_grad_(requires_grad)
+    cls = torch.randn(shape.batch, shape.width, generator=gen).to(dev)
+    grad = torch.randn(shape.batch, shape.seq, shape.width, generator=gen).to(dev)
+    return {"x_embed": x, "cls_features": cls, "grad": grad}
+
+
+def step_fn(pool: FusedPromptPool, forward: Callable, inputs: dict, mode: str) -> Callable[[], object]:
+    """'forward': forward under no_grad; 'forward_backward': forward, then backward of prompted + pull term."""
+    x, cls, grad = inputs["x_embed"], inputs["cls_features"], inputs["grad"]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return forward(x, cls_features=cls)
+        return run
+    one = torch.ones((), device=x.device)
+
+    def run_backward():
+        out = forward(x, cls_features=cls)
+        torch.autograd.backward([out["prompted_embedding"], out["reduce_sim"]], [grad, one])
+        x.grad = None
+        pool.zero_grad(set_to_none=True)
+        return out
+    return run_backward
+
+
+def floor_fn(shape: Shape, inputs: dict) -> Callable[[], torch.Tensor]:
+    """The floor of the forward: allocate the (B, K·Lp+N, D) output and write it once (tokens copied from
+    x_embed, the prompt head from a (K·Lp, D) block), nothing else."""
+    x = inputs["x_embed"].detach()
+    head = torch.randn(shape.top_k * shape.length, shape.width, device=x.device)
+    split = shape.top_k * shape.length
+
+    def run():
+        out = torch.empty(shape.batch, shape.seq, shape.width, device=x.device)
+        out[:, split:].copy_(x)
+        out[:, :split].copy_(head.expand(shape.batch, -1, -1))
+        return out
+    return run
+
+
+def copy_bandwidth(dev: torch.device, megabytes: int = 64, repeats: int = 10) -> float:
+    """The machine's copy bandwidth in GB/s (bytes read + written) on preallocated large buffers."""
+    import time
+
+    src = torch.randn(megabytes * 2**20 // 4, device=dev)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def forward_bytes(shape: Shape, fused: bool, itemsize: int = 4) -> int:
+    """Bytes the forward moves through memory (byte model; small vectors ignored).
+
+    Fused: read x once (query reduced from the same reads), read the selected prompts, write the output
+    once. Original (upstream-like): the query reads x again (not for 'cls'), prompt[idx] is written to a
+    (B, K·Lp, D) temporary and read back by torch.cat, which also reads x and writes the output.
+    """
+    x = shape.batch * shape.tokens * shape.width
+    head = shape.batch * shape.top_k * shape.length * shape.width
+    out = shape.batch * shape.seq * shape.width
+    if fused:
+        return (x + head + out) * itemsize
+    query_reads = 0 if shape.embedding_key == "cls" else x
+    return (query_reads + head + 2 * head + x + out) * itemsize
+
+
+def peak_memory_bytes(step: Callable[[], object]) -> int | None:
+    """Peak bytes allocated above the starting level during one call of ``step`` (torch profiler)."""
+    import json
+    import tempfile
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            events = json.load(handle)["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not memory:
+        return None
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - start

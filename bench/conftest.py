@@ -1,0 +1,116 @@
+"""Benchmark session: full mode (`pytest bench/ --benchmark-only`) or smoke mode (`--benchmark-disable`,
+tiny shapes, each step run once and checked against the eager reference, seconds).
+
+In full mode the measured table is printed at the end and saved to bench/results/pool_<device>.json
+and .md (time, speed-up over eager, distance to the floor, GB/s, bytes moved, peak memory).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import common
+
+RESULTS: list[dict] = []
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def is_smoke(config: pytest.Config) -> bool:
+    """Smoke mode: benchmarks disabled (or L2P_BENCH_SMOKE=1)."""
+    return bool(config.getoption("benchmark_disable", False)) or os.environ.get("L2P_BENCH_SMOKE") == "1"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    smoke = is_smoke(metafunc.config)
+    dev = common.device()
+    shapes = common.SMOKE_SHAPES if smoke else common.FULL_SHAPES
+    if "shape" in metafunc.fixturenames:
+        metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes])
+    if "provider" in metafunc.fixturenames:
+        providers = common.provider_names(dev.type, with_compile=not smoke)
+        metafunc.parametrize("provider", providers)
+
+
+@pytest.fixture(scope="session")
+def smoke(request: pytest.FixtureRequest) -> bool:
+    return is_smoke(request.config)
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _table(rows: list[dict], copy_gbs: float) -> str:
+    by_key = {(r["shape"], r["provider"], r["mode"]): r for r in rows}
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != "floor"))
+    lines = [
+        f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s",
+        "",
+        "| shape | provider | fwd ms | fwd × eager | fwd / floor | fwd GB/s | MB moved (fwd) | fwd+bwd ms "
+        "| fwd+bwd × eager | peak MB (fwd+bwd) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape in shapes:
+        floor = by_key.get((shape, "floor", "forward"))
+        eager_f = by_key.get((shape, "eager", "forward"))
+        eager_b = by_key.get((shape, "eager", "forward_backward"))
+        if floor:
+            lines.append(f"| {shape} | floor (alloc + write once) | {floor['ms']:.3f} | | 1.00 | "
+                         f"{floor['bytes'] / floor['ms'] / 1e6:.1f} | {floor['bytes'] / 1e6:.1f} | | | |")
+        for provider in providers:
+            f = by_key.get((shape, provider, "forward"))
+            b = by_key.get((shape, provider, "forward_backward"))
+            mem = by_key.get((shape, provider, "peak_memory"))
+            cells = [shape, provider]
+            if f:
+                cells += [f"{f['ms']:.3f}", f"{eager_f['ms'] / f['ms']:.2f}" if eager_f else "",
+                          f"{f['ms'] / floor['ms']:.2f}" if floor else "", f"{f['bytes'] / f['ms'] / 1e6:.1f}",
+                          f"{f['bytes'] / 1e6:.1f}"]
+            else:
+                cells += [""] * 5
+            if b:
+                cells += [f"{b['ms']:.3f}", f"{eager_b['ms'] / b['ms']:.2f}" if eager_b else ""]
+            else:
+                cells += ["", ""]
+            cells.append(f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not RESULTS or is_smoke(config):
+        return
+    dev = common.device()
+    copy_gbs = common.copy_bandwidth(dev)
+    table = _table(RESULTS, copy_gbs)
+    terminalreporter.write_sep("=", "l2p_fast prompt-pool benchmark")
+    terminalreporter.write_line(table)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else _cpu_model(),
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbs": copy_gbs,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"pool_{dev.type}.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=1))
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    (RESULTS_DIR / f"pool_{dev.type}.md").write_text(header + "\n\n" + table + "\n")
+    terminalreporter.write_line(f"saved to {RESULTS_DIR}/pool_{dev.type}.json and .md")

@@ -1,0 +1,62 @@
+"""Prompt pool: providers side by side (eager reference, torch.compile of it, every fused backend on
+the device), forward (no grad) and forward+backward (with its peak memory), plus the floor.
+
+Full run: `pytest bench/ --benchmark-only`; smoke run (seconds, CI): `pytest bench/ --benchmark-disable -q`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import common
+from .conftest import RESULTS
+
+MODES = ("forward", "forward_backward")
+
+
+def _rounds(shape: common.Shape) -> int:
+    return 20 if shape.batch <= 16 else (10 if shape.batch <= 64 else 6)
+
+
+def _record(benchmark, shape: common.Shape, provider: str, mode: str, nbytes: int | None) -> None:
+    if benchmark.stats is None:  # benchmarks disabled (smoke mode)
+        return
+    RESULTS.append({"shape": shape.name, "provider": provider, "mode": mode,
+                    "ms": benchmark.stats.stats.median * 1e3, "min_ms": benchmark.stats.stats.min * 1e3,
+                    "rounds": benchmark.stats.stats.rounds, "bytes": nbytes})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool(benchmark, shape: common.Shape, provider: str, mode: str, smoke: bool) -> None:
+    dev = common.device()
+    benchmark.group = f"{shape.name} {mode}"
+    pool, forward = common.make_pool(shape, provider, dev)
+    inputs = common.make_inputs(shape, dev, requires_grad=mode == "forward_backward")
+    run = common.step_fn(pool, forward, inputs, mode)
+    out = benchmark.pedantic(run, rounds=1 if smoke else _rounds(shape), warmup_rounds=0 if smoke else 2)
+    fused = provider not in ("eager", "compile")
+    _record(benchmark, shape, provider, mode, common.forward_bytes(shape, fused=fused) if mode == "forward" else None)
+    if mode == "forward_backward" and provider != "compile" and dev.type == "cpu":
+        # peak bytes allocated during one forward+backward (torch profiler), next to the timings
+        peak = common.peak_memory_bytes(run)
+        assert peak is None or peak > 0
+        if benchmark.stats is not None:
+            RESULTS.append({"shape": shape.name, "provider": provider, "mode": "peak_memory", "bytes": peak})
+    if smoke and provider != "eager":  # the smoke run also checks that every provider computes the same thing
+        eager_pool, eager_forward = common.make_pool(shape, "eager", dev)
+        expected = common.step_fn(eager_pool, eager_forward, inputs, mode)()
+        assert torch.equal(out["prompt_idx"], expected["prompt_idx"])
+        torch.testing.assert_close(out["prompted_embedding"], expected["prompted_embedding"], rtol=0, atol=0)
+        torch.testing.assert_close(out["reduce_sim"], expected["reduce_sim"])
+
+
+def test_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
+    """Allocate the (B, K·Lp+N, D) output and write it once: what any forward must at least pay."""
+    dev = common.device()
+    benchmark.group = f"{shape.name} forward"
+    inputs = common.make_inputs(shape, dev, requires_grad=False)
+    out = benchmark.pedantic(common.floor_fn(shape, inputs), rounds=1 if smoke else _rounds(shape),
+                             warmup_rounds=0 if smoke else 2)
+    assert out.shape == (shape.batch, shape.seq, shape.width)
+    _record(benchmark, shape, "floor", "forward", common.forward_bytes(shape, fused=True))
