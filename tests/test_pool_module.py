@@ -90,7 +90,7 @@ def test_state_dict_round_trip_and_upstream_checkpoint() -> None:
     case = PoolCase(pool_size=5, top_k=2)
     pool = make_pool(case, seed=1)
     inputs = make_inputs(case, seed=2)
-    twin = FusedPromptPool(**case.module_kwargs())
+    twin = FusedPromptPool(**case.module_kwargs(), backend="reference")
     twin.load_state_dict(pool.state_dict())
     a, b = pool(**inputs), twin(**inputs)
     for key in EXPECTED_KEYS:
