@@ -206,3 +206,26 @@ def test_golden_vectors_fp64() -> None:
                 assert grads[key] is None or not grads[key].any(), key
             else:
                 torch.testing.assert_close(grads[key].cpu(), expected, rtol=1e-12, atol=1e-12, msg=f"grad {key}")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # tiles over rows (B > 16), tokens (N > 32), width (D > 128) and the pool (M > 64)
+        PoolCase(batch=17, tokens=33, width=130, pool_size=65, top_k=2, length=1, embedding_key="mean_max"),
+        # tiles over slots (K > 16) and (row, slot) pairs, with the vote
+        PoolCase(batch=17, tokens=3, width=130, pool_size=17, top_k=17, length=3, batchwise=True,
+                 embedding_key="max", learnable_key=False),
+        # tiles over the prompt copies (Lp·D > 1024)
+        PoolCase(batch=3, tokens=3, width=130, pool_size=2, top_k=2, length=9),
+        PoolCase(batch=17, tokens=5, width=40, pool_size=20, top_k=3, length=2, embedding_key="cls", use_cls=True,
+                 use_mask=True, dtype=torch.float64),
+    ],
+    ids=["per-sample", "vote", "long-prompts", "fp64-mask"],
+)
+def test_gpu_block_sizes(case: PoolCase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's block sizes under the interpreter: every multi-tile loop (tokens, width, pool, slots, rows)."""
+    from l2p_fast.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "GPU_BLOCKS_IN_INTERPRETER", True)
+    assert_matches_reference(case, seed=17)

@@ -45,6 +45,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Tests set this to run the GPU block sizes (every multi-tile loop) under the interpreter too.
+GPU_BLOCKS_IN_INTERPRETER = False
+
+
+def _big_blocks() -> bool:
+    """Few, big programs under the interpreter (it pays per operation, not per element)."""
+    return _interpreting() and not GPU_BLOCKS_IN_INTERPRETER
+
+
 @functools.cache
 def _kernels() -> tuple[ModuleType, ModuleType, ModuleType]:
     from l2p_fast.kernels import pool_backward, pool_forward, tuned
@@ -70,7 +79,7 @@ class _NullContext:
 
 
 def _forward_blocks(n: int, d: int, m: int, k: int, lpd: int) -> dict[str, int]:
-    if _interpreting():  # few, big programs: the interpreter pays per operation, not per element
+    if _big_blocks():
         block_d = _pow2(d, high=1024)
         block_e = _pow2(lpd, high=1 << 16)
         return {
@@ -175,7 +184,7 @@ def launch_pool_forward(
             fwd.vote_gather_kernel[(batch,)](
                 top, counts, idx, prompt, keys, *keys.stride(), x_norm, selected, pull, out,
                 batch, tokens, width, pool_size, k, length,
-                BLOCK_M=blocks["BLOCK_M"], BLOCK_R=_pow2(batch * k, high=1024 if _interpreting() else 64),
+                BLOCK_M=blocks["BLOCK_M"], BLOCK_R=_pow2(batch * k, high=1024 if _big_blocks() else 64),
                 BLOCK_D=blocks["BLOCK_D"], BLOCK_S=blocks["BLOCK_S"], BLOCK_E=blocks["BLOCK_E"],
             )
     reduce_sim = pull.sum() / batch
@@ -196,7 +205,8 @@ def launch_prepend(prompt: Tensor, x_embed: Tensor) -> Tensor:
         (batch, length + tokens, width), device=x_embed.device, dtype=torch.promote_types(prompt.dtype, x_embed.dtype)
     )
     kernel = tuned.prepend_kernel
-    meta = {} if tuned.AUTOTUNED else {"BLOCK_T": _pow2(length + tokens, high=64), "BLOCK_D": _pow2(width, high=1024)}
+    meta = {} if tuned.AUTOTUNED else {"BLOCK_T": _pow2(length + tokens, high=64),
+                                       "BLOCK_D": _pow2(width, high=1024 if _big_blocks() else 64)}
 
     def grid(m: dict) -> tuple[int, int, int]:
         return (batch, -(-(length + tokens) // m["BLOCK_T"]), -(-width // m["BLOCK_D"]))
@@ -214,7 +224,7 @@ def launch_grad_prompt(grad_out: Tensor, idx: Tensor, pool_size: int, length: in
     k = idx.shape[1]
     lpd = length * width
     grad_prompt = torch.empty((pool_size, length, width), device=grad_out.device, dtype=dtype)
-    if _interpreting():
+    if _big_blocks():
         block_e = _pow2(lpd, high=1 << 14)
         block_r = _pow2(batch * k, high=max(16, (1 << 16) // block_e))
         block_p = _pow2(pool_size, low=1, high=max(1, (1 << 20) // (block_r * block_e)))
@@ -261,7 +271,7 @@ def launch_grad_similarity(
     scratch = new((pool_size, width))
     grad_keys = torch.empty((pool_size, width), device=x_norm.device, dtype=keys_dtype)
     use_dot = ct == torch.float32
-    if _interpreting():
+    if _big_blocks():
         bb, bm, br = _pow2(batch, high=256), _pow2(pool_size, high=256), _pow2(batch * k, high=256)
         bd = _pow2(width, high=1024 if use_dot else 32)
     else:
@@ -270,7 +280,8 @@ def launch_grad_similarity(
         bwd.pull_weight_kernel[(batch,)](
             g_sim if g_sim is not None else weight, g_rs if g_rs is not None else weight, idx, weight,
             batch, pool_size, k, HAS_GSIM=g_sim is not None, HAS_GRS=g_rs is not None,
-            BLOCK_M=_pow2(pool_size, high=1024 if _interpreting() else 128), BLOCK_K=_pow2(k, high=64),
+            BLOCK_M=_pow2(pool_size, high=1024 if _big_blocks() else 128),
+            BLOCK_K=_pow2(k, high=64 if _big_blocks() else 16),
         )
         bwd.grad_query_kernel[(-(-batch // bb),)](
             g_xn if g_xn is not None else grad_query, weight, prompt_norm, x_norm, query_sumsq, grad_query,
@@ -296,7 +307,8 @@ def launch_grad_x(
     grad_x = torch.empty((batch, tokens, width), device=grad_query.device, dtype=dtype)
     g = grad_out.contiguous() if grad_out is not None else grad_query
     total = prompt_tokens + tokens
-    meta = {} if tuned.AUTOTUNED else {"BLOCK_N": _pow2(tokens, high=256), "BLOCK_D": _pow2(width, high=1024)}
+    meta = {} if tuned.AUTOTUNED else {"BLOCK_N": _pow2(tokens, high=256 if _big_blocks() else 16),
+                                       "BLOCK_D": _pow2(width, high=1024 if _big_blocks() else 64)}
 
     def grid(m: dict) -> tuple[int, int]:
         return (batch, -(-width // m["BLOCK_D"]))
