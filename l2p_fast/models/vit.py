@@ -182,7 +182,10 @@ class L2PViT(nn.Module):
     def forward_backbone(self, x: Tensor) -> Tensor:
         """Prompt-free pass (timm's ``forward_features``): images (B, C, H, W) → final-normed tokens (B, 1 + N, D)."""
         self._check_image(x)
-        patches = self.patch_embed(x)
+        return self._backbone_tokens(self.patch_embed(x))
+
+    def _backbone_tokens(self, patches: Tensor) -> Tensor:
+        """Prompt-free pass from patch embeddings (B, N, D) → final-normed tokens (B, 1 + N, D)."""
         pos = torch.cat([self.pos_embed[:, :1], self.pos_embed[:, 1 + self.prompt_len :]], dim=1)
         seq = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + pos
         return self.norm(self.blocks(self.norm_pre(self.pos_drop(seq))))
@@ -193,6 +196,11 @@ class L2PViT(nn.Module):
         with eval_mode(self):
             return self.forward_backbone(x)[:, 0]
 
+    @torch.no_grad()
+    def _query_from_patches(self, patches: Tensor) -> Tensor:
+        with eval_mode(self):
+            return self._backbone_tokens(patches)[:, 0]
+
     def forward(
         self, x: Tensor, task_id: int = -1, cls_features: Tensor | None = None, train: bool = False
     ) -> dict[str, Tensor | int]:
@@ -202,9 +210,9 @@ class L2PViT(nn.Module):
         ``use_prompt_mask`` and ``train``, task ``task_id`` uses prompt ids t·K … t·K+K−1.
         """
         self._check_image(x)
-        if cls_features is None:
-            cls_features = self.query(x)
         patches = self.patch_embed(x)  # (B, N, D)
+        if cls_features is None:  # the frozen patch embedding is shared by the query and the prompted pass
+            cls_features = self._query_from_patches(patches.detach())
         prompt_mask = None
         if self.use_prompt_mask and train:
             prompt_mask = task_prompt_mask(task_id, self.prompt.top_k, self.prompt.pool_size, x.shape[0], x.device)

