@@ -11,7 +11,6 @@ Every backend module exposes ``unavailable_reason(device_type) -> str | None`` p
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -66,10 +65,20 @@ def resolve(requested: str, device_type: str) -> tuple[str, ModuleType]:
     """
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
-    return _resolve(requested, device_type)
+    key = (requested, device_type)
+    if key not in _RESOLVED:  # a plain dict, which torch.compile reads and guards like any global
+        _RESOLVED[key] = _resolve(requested, device_type)
+    return _RESOLVED[key]
 
 
-@functools.cache
+_RESOLVED: dict[tuple[str, str], tuple[str, ModuleType]] = {}
+
+
+def clear_cache() -> None:
+    """Forget resolved backends (after building or installing one in a running process)."""
+    _RESOLVED.clear()
+
+
 def _resolve(requested: str, device_type: str) -> tuple[str, ModuleType]:
     if requested != "auto":
         reason = unavailable_reason(requested, device_type)

@@ -10,9 +10,9 @@ from l2p_fast import FusedPromptPool, available_backends, dispatch
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    dispatch._resolve.cache_clear()
+    dispatch.clear_cache()
     yield
-    dispatch._resolve.cache_clear()
+    dispatch.clear_cache()
 
 
 def test_reference_always_available() -> None:
