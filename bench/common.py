@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from l2p_fast import FusedPromptPool, available_backends
+from l2p_fast import FusedPromptPool, available_backends, dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,7 @@ def make_pool(shape: Shape, provider: str, dev: torch.device, seed: int = 0) -> 
     pool = FusedPromptPool(length=shape.length, embed_dim=shape.width, embedding_key=shape.embedding_key,
                            prompt_pool=True, prompt_key=True, pool_size=shape.pool_size, top_k=shape.top_k,
                            batchwise_prompt=True, backend=backend).to(dev)
+    dispatch.resolve(backend, dev.type)  # import the backend eagerly: Dynamo cannot trace the import
     forward = torch.compile(pool.forward, fullgraph=True) if provider == "compile" else pool.forward
     return pool, forward
 

@@ -16,7 +16,7 @@ MODES = ("forward", "forward_backward")
 
 
 def _rounds(shape: common.Shape) -> int:
-    return 20 if shape.batch <= 16 else (10 if shape.batch <= 64 else 6)
+    return 30 if shape.batch <= 16 else (15 if shape.batch <= 64 else 8)
 
 
 def _record(benchmark, shape: common.Shape, provider: str, mode: str, nbytes: int | None) -> None:

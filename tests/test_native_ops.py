@@ -109,8 +109,9 @@ def test_backward_is_deterministic() -> None:
 
 @pytest.mark.parametrize("embedding_key", ["mean", "cls"])
 def test_thread_count_does_not_change_results(embedding_key: str) -> None:
-    case = PoolCase(batch=13, tokens=9, width=70, pool_size=7, top_k=3, embedding_key=embedding_key, use_cls=True,
-                    batchwise=True)
+    # large enough that every parallel loop of the CPU kernels splits over 2 threads
+    case = PoolCase(batch=13, tokens=37, width=515, pool_size=33, top_k=3, length=2, embedding_key=embedding_key,
+                    use_cls=True, batchwise=True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

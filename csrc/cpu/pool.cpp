@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -29,6 +30,13 @@ inline void copy_row(const src_t* src, dst_t* dst, int64_t n) {
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = cast_to<dst_t>(src[i]);
   }
+}
+
+// Rows per task so that a task touches at least ~16K elements: small problems run inline, without
+// waking the thread pool.
+inline int64_t grain_for(int64_t elements_per_row) {
+  constexpr int64_t kMinElementsPerTask = 1 << 14;
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
 
 // Calls f(double{}) or f(float{}): the accumulation type of the similarity stage.
@@ -53,7 +61,7 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
   const x_t* x = a.x.data_ptr<x_t>();
   out_t* out = o.prompted.data_ptr<out_t>();
   int32_t* argmax = (mode == 1 || mode == 2) ? o.argmax.data_ptr<int32_t>() : nullptr;
-  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(mode == kModeCls ? 0 : width), best(mode == kModeCls ? 0 : width);
     std::vector<int32_t> arg(mode == kModeCls ? 0 : width);
     for (int64_t b = begin; b < end; ++b) {
@@ -104,11 +112,11 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
     const acc_t r = math::inverse_norm(*sumsq);
     for (int64_t d = 0; d < width; ++d) out[d] = v[d] * r;
   };
-  at::parallel_for(0, pool, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pool, grain_for(width), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) normalise(keys + m * width, kn + m * width, ks + m);
   });
   const bool choose = !a.mask.defined();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(pool * width), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       normalise(q + b * width, xn + b * width, qs + b);
       acc_t* row = sim + b * pool;
@@ -135,7 +143,7 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
     for (int64_t b = 0; b < batch; ++b) std::memcpy(idx + b * top_k, winners.data(), top_k * sizeof(int64_t));
   }
   acc_t* selected = o.selected_key.data_ptr<acc_t>();
-  at::parallel_for(0, batch * top_k, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * top_k, grain_for(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) std::memcpy(selected + i * width, kn + idx[i] * width, width * sizeof(acc_t));
   });
   acc_t total = 0;  // serial, fixed order: independent of the thread count
@@ -153,7 +161,7 @@ void gather_prompts(const ForwardArgs& a, ForwardOutputs& o) {
   const out_t* prompt = a.prompt.data_ptr<out_t>();
   out_t* out = o.prompted.data_ptr<out_t>();
   const int64_t* idx = o.idx.data_ptr<int64_t>();
-  at::parallel_for(0, a.batch * top_k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.batch * top_k, grain_for(block), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / top_k, j = i % top_k;
       std::memcpy(out + b * seq * a.width + j * block, prompt + idx[i] * block, block * sizeof(out_t));
@@ -202,7 +210,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
   const acc_t* ks = a.k_sumsq.data_ptr<acc_t>();
   const int64_t* idx = a.idx.data_ptr<int64_t>();
   const acc_t coef = *a.grad_reduce_sim.data_ptr<acc_t>() / static_cast<acc_t>(batch);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for((pool + top_k) * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(width);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t d = 0; d < width; ++d) g[d] = g_xn[b * width + d];
@@ -221,7 +229,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
     }
   });
   if (grad_k == nullptr) return;
-  at::parallel_for(0, pool, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pool, grain_for(batch * (1 + top_k) * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(width);
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t d = 0; d < width; ++d) g[d] = g_kn[m * width + d];
@@ -251,7 +259,7 @@ void token_grads(const BackwardArgs& a, const acc_t* grad_q, x_t* grad_x) {
   const int64_t offset = a.top_k * a.length, seq = offset + tokens;
   const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
   const int32_t* argmax = (mode == 1 || mode == 2) ? a.argmax.data_ptr<int32_t>() : nullptr;
-  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mean_part(width);
     for (int64_t b = begin; b < end; ++b) {
       const grad_t* src = g + (b * seq + offset) * width;
@@ -297,7 +305,7 @@ void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < pairs; ++i) order[fill[idx[i]]++] = i;  // increasing i = (b, j) order
   const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
-  at::parallel_for(0, pool * length, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pool * length, grain_for(a.batch * width), [&](int64_t begin, int64_t end) {
     std::vector<sum_t> acc(width);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t m = row / length, l = row % length;
