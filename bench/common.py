@@ -75,6 +75,8 @@ def make_pool(shape: Shape, provider: str, dev: torch.device, seed: int = 0) -> 
                            prompt_pool=True, prompt_key=True, pool_size=shape.pool_size, top_k=shape.top_k,
                            batchwise_prompt=True, backend=backend).to(dev)
     dispatch.resolve(backend, dev.type)  # import the backend eagerly: Dynamo cannot trace the import
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh graph per shape (each pool instance would count as a recompile)
     forward = torch.compile(pool.forward, fullgraph=True) if provider == "compile" else pool.forward
     return pool, forward
 
@@ -89,7 +91,8 @@ def make_inputs(shape: Shape, dev: torch.device, requires_grad: bool, seed: int 
 
 
 def step_fn(pool: FusedPromptPool, forward: Callable, inputs: dict, mode: str) -> Callable[[], object]:
-    """'forward': forward under no_grad; 'forward_backward': forward, then backward of prompted + pull term."""
+    """'forward': forward under no_grad; otherwise forward, then backward of prompted + pull term (x_embed gets a
+    gradient when it requires one)."""
     x, cls, grad = inputs["x_embed"], inputs["cls_features"], inputs["grad"]
     if mode == "forward":
         def run():
@@ -101,7 +104,8 @@ def step_fn(pool: FusedPromptPool, forward: Callable, inputs: dict, mode: str) -
     def run_backward():
         out = forward(x, cls_features=cls)
         torch.autograd.backward([out["prompted_embedding"], out["reduce_sim"]], [grad, one])
-        x.grad = None
+        if x.requires_grad:
+            x.grad = None
         pool.zero_grad(set_to_none=True)
         return out
     return run_backward

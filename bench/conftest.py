@@ -30,6 +30,12 @@ def is_smoke(config: pytest.Config) -> bool:
     return bool(config.getoption("benchmark_disable", False)) or os.environ.get("L2P_BENCH_SMOKE") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    threads = os.environ.get("L2P_BENCH_THREADS")
+    if threads:  # e.g. 1 when another process holds a core: waiting for a descheduled thread costs a time slice
+        torch.set_num_threads(int(threads))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     smoke = is_smoke(metafunc.config)
     dev = common.device()
@@ -57,28 +63,31 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+BACKWARD_MODES = (("forward_backward", "fwd+bwd (x frozen)"), ("forward_backward_x", "fwd+bwd (x trainable)"))
+
+
 def _table(rows: list[dict], copy_gbs: float) -> str:
     by_key = {(r["shape"], r["provider"], r["mode"]): r for r in rows}
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != "floor"))
+    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd / floor", "fwd GB/s", "MB moved (fwd)"]
+    for _, label in BACKWARD_MODES:
+        header += [f"{label} ms", "× eager", "peak MB"]
     lines = [
         f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s",
         "",
-        "| shape | provider | fwd ms | fwd × eager | fwd / floor | fwd GB/s | MB moved (fwd) | fwd+bwd ms "
-        "| fwd+bwd × eager | peak MB (fwd+bwd) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(header) + " |",
+        "| --- | --- |" + " ---: |" * (len(header) - 2),
     ]
     for shape in shapes:
         floor = by_key.get((shape, "floor", "forward"))
         eager_f = by_key.get((shape, "eager", "forward"))
-        eager_b = by_key.get((shape, "eager", "forward_backward"))
         if floor:
-            lines.append(f"| {shape} | floor (alloc + write once) | {floor['min_ms']:.3f} | | 1.00 | "
-                         f"{floor['bytes'] / floor['min_ms'] / 1e6:.1f} | {floor['bytes'] / 1e6:.1f} | | | |")
+            cells = [shape, "floor (alloc + write once)", f"{floor['min_ms']:.3f}", "", "1.00",
+                     f"{floor['bytes'] / floor['min_ms'] / 1e6:.1f}", f"{floor['bytes'] / 1e6:.1f}"]
+            lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
         for provider in providers:
             f = by_key.get((shape, provider, "forward"))
-            b = by_key.get((shape, provider, "forward_backward"))
-            mem = by_key.get((shape, provider, "peak_memory"))
             cells = [shape, provider]
             if f:
                 cells += [f"{f['min_ms']:.3f}", f"{eager_f['min_ms'] / f['min_ms']:.2f}" if eager_f else "",
@@ -86,11 +95,13 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
                           f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
             else:
                 cells += [""] * 5
-            if b:
-                cells += [f"{b['min_ms']:.3f}", f"{eager_b['min_ms'] / b['min_ms']:.2f}" if eager_b else ""]
-            else:
-                cells += ["", ""]
-            cells.append(f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else "")
+            for mode, _ in BACKWARD_MODES:
+                b = by_key.get((shape, provider, mode))
+                eager_b = by_key.get((shape, "eager", mode))
+                mem = by_key.get((shape, provider, f"peak_{mode}"))
+                cells += [f"{b['min_ms']:.3f}" if b else "",
+                          f"{eager_b['min_ms'] / b['min_ms']:.2f}" if b and eager_b else "",
+                          f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

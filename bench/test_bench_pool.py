@@ -1,5 +1,5 @@
 """Prompt pool: providers side by side (eager reference, torch.compile of it, every fused backend on
-the device), forward (no grad) and forward+backward (with its peak memory), plus the floor.
+the device), forward (no grad) and forward+backward with x_embed frozen (L2P) or trainable, with peak memory; the floor.
 
 Full run: `pytest bench/ --benchmark-only`; smoke run (seconds, CI): `pytest bench/ --benchmark-disable -q`.
 """
@@ -12,7 +12,9 @@ import torch
 from . import common
 from .conftest import RESULTS
 
-MODES = ("forward", "forward_backward")
+# forward: no grad. forward_backward: the L2P training step, x_embed from the frozen patch embedding
+# (gradients to prompt and prompt_key). forward_backward_x: x_embed needs a gradient too.
+MODES = ("forward", "forward_backward", "forward_backward_x")
 
 
 def _rounds(shape: common.Shape) -> int:
@@ -32,17 +34,17 @@ def test_pool(benchmark, shape: common.Shape, provider: str, mode: str, smoke: b
     dev = common.device()
     benchmark.group = f"{shape.name} {mode}"
     pool, forward = common.make_pool(shape, provider, dev)
-    inputs = common.make_inputs(shape, dev, requires_grad=mode == "forward_backward")
+    inputs = common.make_inputs(shape, dev, requires_grad=mode == "forward_backward_x")
     run = common.step_fn(pool, forward, inputs, mode)
     out = benchmark.pedantic(run, rounds=1 if smoke else _rounds(shape), warmup_rounds=0 if smoke else 2)
     fused = provider not in ("eager", "compile")
     _record(benchmark, shape, provider, mode, common.forward_bytes(shape, fused=fused) if mode == "forward" else None)
-    if mode == "forward_backward" and provider != "compile" and dev.type == "cpu":
+    if mode != "forward" and provider != "compile" and dev.type == "cpu":
         # peak bytes allocated during one forward+backward (torch profiler), next to the timings
         peak = common.peak_memory_bytes(run)
         assert peak is None or peak > 0
         if benchmark.stats is not None:
-            RESULTS.append({"shape": shape.name, "provider": provider, "mode": "peak_memory", "bytes": peak})
+            RESULTS.append({"shape": shape.name, "provider": provider, "mode": f"peak_{mode}", "bytes": peak})
     if smoke and provider != "eager":  # the smoke run also checks that every provider computes the same thing
         eager_pool, eager_forward = common.make_pool(shape, "eager", dev)
         expected = common.step_fn(eager_pool, eager_forward, inputs, mode)()

@@ -1,6 +1,8 @@
-// CPU fused prompt pool (SPEC §4). Forward: the token slice of each output row is copied once while
-// the query is reduced in the same pass; then normalise + score + top-K (tie rule) + batch vote +
-// pull term; then the selected prompts fill the head of each row. Every output row is written once.
+// CPU fused prompt pool (SPEC §4). Forward with a token query (mean / max / mean_max): the token slice
+// of each output row is copied once while the query is reduced in the same pass; then normalise +
+// score + top-K (tie rule) + batch vote + pull term; then the selected prompts fill the head of each
+// row. With cls_features as the query, selection comes first and each row is written front to back in
+// one pass. Every output element is written once.
 // Backward: deterministic per-prompt reduction of grad prompt (fixed (row, slot) order, no scatter
 // temporary), grad of the token slice (+ query gradient), grads of keys and query through the pull
 // term. Per-row arithmetic comes from common/pool_math.h, shared with the CUDA kernels.
@@ -53,7 +55,7 @@ void dispatch_acc(at::ScalarType acc_type, F&& f) {
 // Forward
 // ----------------------------------------------------------------------------------------------
 
-// Copies x[b] into prompted[b, K*Lp:] and reduces the query of row b from the same reads.
+// Copies x[b] into prompted[b, K*Lp:] and reduces the query of row b from the same reads (modes 0-2).
 template <typename x_t, typename out_t, typename acc_t>
 void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
   const int64_t tokens = a.tokens, width = a.width, mode = a.mode;
@@ -62,15 +64,11 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
   out_t* out = o.prompted.data_ptr<out_t>();
   int32_t* argmax = (mode == 1 || mode == 2) ? o.argmax.data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(mode == kModeCls ? 0 : width), best(mode == kModeCls ? 0 : width);
-    std::vector<int32_t> arg(mode == kModeCls ? 0 : width);
+    std::vector<acc_t> sum(width), best(width);
+    std::vector<int32_t> arg(width);
     for (int64_t b = begin; b < end; ++b) {
       const x_t* src = x + b * tokens * width;
       out_t* dst = out + (b * seq + offset) * width;
-      if (mode == kModeCls) {
-        copy_row(src, dst, tokens * width);
-        continue;
-      }
       std::fill(sum.begin(), sum.end(), acc_t(0));
       std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(arg.begin(), arg.end(), 0);
@@ -169,6 +167,27 @@ void gather_prompts(const ForwardArgs& a, ForwardOutputs& o) {
   });
 }
 
+// Query from cls_features (known before any token is read): select first, then write each output row
+// front to back in one pass — the selected prompts, then the tokens.
+template <typename x_t, typename out_t>
+void write_rows(const ForwardArgs& a, ForwardOutputs& o) {
+  const int64_t top_k = a.top_k, width = a.width, block = a.length * width, tokens = a.tokens;
+  const int64_t seq = top_k * a.length + tokens;
+  const x_t* x = a.x.data_ptr<x_t>();
+  const out_t* prompt = a.prompt.data_ptr<out_t>();
+  out_t* out = o.prompted.data_ptr<out_t>();
+  const int64_t* idx = o.idx.data_ptr<int64_t>();
+  at::parallel_for(0, a.batch, grain_for(seq * width), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      out_t* row = out + b * seq * width;
+      for (int64_t j = 0; j < top_k; ++j) {
+        std::memcpy(row + j * block, prompt + idx[b * top_k + j] * block, block * sizeof(out_t));
+      }
+      copy_row(x + b * tokens * width, row + top_k * block, tokens * width);
+    }
+  });
+}
+
 ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
                                const at::Tensor& prompt, const at::Tensor& keys,
                                const std::optional<at::Tensor>& prompt_mask, int64_t mode, int64_t top_k,
@@ -182,10 +201,14 @@ ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at
       using out_t = scalar_t;
       dispatch_acc(a.acc_type, [&](auto acc_tag) {
         using acc_t = decltype(acc_tag);
-        copy_tokens_and_reduce<x_t, out_t, acc_t>(a, o, q.data_ptr<acc_t>());
+        if (a.mode != kModeCls) copy_tokens_and_reduce<x_t, out_t, acc_t>(a, o, q.data_ptr<acc_t>());
         score_and_select<acc_t>(a, o, q.data_ptr<acc_t>());
       });
-      gather_prompts<out_t>(a, o);
+      if (a.mode == kModeCls) {
+        write_rows<x_t, out_t>(a, o);
+      } else {
+        gather_prompts<out_t>(a, o);
+      }
     });
   });
   return o.as_tuple();
