@@ -267,7 +267,8 @@ def _triton_grad_x_fake(grad_out, grad_query, argmax, query_mode, tokens, prompt
 # ---------------------------------------------------------------------------------------------
 # l2p_fast::pool_forward / l2p_fast::pool_backward                              [native, fused]
 # The whole pool-mode forward (SPEC §4) in one op; its backward in a second op. Kernels in
-# csrc/cpu/pool.cpp and csrc/cuda/pool.cu; arithmetic shared in csrc/common/pool_math.h.
+# csrc/cpu/pool.cpp and csrc/cuda/pool.cu; arithmetic shared in csrc/common/pool_math.h; autograd
+# in C++ (csrc/cpu/pool_autograd.cpp).
 # ---------------------------------------------------------------------------------------------
 POOL_MODES = {"mean": 0, "max": 1, "mean_max": 2, "cls": 1}  # 'cls' without cls_features: the token max
 POOL_MODE_CLS = 3  # the query is cls_features
@@ -315,54 +316,6 @@ def _pool_backward_fake(grad_prompted, grad_x_embed_norm, grad_prompt_norm, grad
     )
 
 
-def _pool_forward_setup(ctx, inputs, output) -> None:
-    x_embed, cls_features, prompt, keys, _mask, mode, _top_k, _batchwise = inputs
-    prompted, x_norm, prompt_norm, _sim, idx, _selected, _reduce, argmax, q_sumsq, k_sumsq = output
-    ctx.mark_non_differentiable(idx, argmax, q_sumsq, k_sumsq)
-    ctx.save_for_backward(x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax)
-    ctx.mode = mode
-    ctx.length = prompt.shape[1]
-    ctx.x_dtype = x_embed.dtype
-    ctx.query_dtype = cls_features.dtype if cls_features is not None else x_embed.dtype
-    ctx.prompt_dtype = prompt.dtype
-    ctx.keys_dtype = keys.dtype
-    ctx.prompted_meta = (prompted.shape, prompted.dtype)
-
-
-def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _pool_forward_backward(ctx, g_prompted, g_x_norm, g_prompt_norm, g_sim, _g_idx, g_selected, g_reduce, *_):
-    x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax = ctx.saved_tensors
-    need_x, need_cls, need_prompt, need_keys = ctx.needs_input_grad[:4]
-    if g_prompted is None:
-        shape, dtype = ctx.prompted_meta
-        g_prompted = x_norm.new_zeros(shape, dtype=dtype)
-    batch, pool, k = x_norm.shape[0], prompt_norm.shape[0], idx.shape[1]
-    g_x_norm = _zeros_if_none(g_x_norm, x_norm)
-    g_prompt_norm = _zeros_if_none(g_prompt_norm, prompt_norm)
-    g_sim = x_norm.new_zeros((batch, pool)) if g_sim is None else g_sim
-    g_selected = x_norm.new_zeros((batch, k, x_norm.shape[1])) if g_selected is None else g_selected
-    g_reduce = x_norm.new_zeros(()) if g_reduce is None else g_reduce
-    # With the query from cls_features, grad x_embed is the token slice of grad_prompted: a view, no copy.
-    x_as_view = need_x and ctx.mode == POOL_MODE_CLS
-    grad_x, grad_cls, grad_prompt, grad_keys = torch.ops.l2p_fast.pool_backward(
-        g_prompted, g_x_norm, g_prompt_norm, g_sim, g_selected, g_reduce, x_norm, prompt_norm, q_sumsq, k_sumsq,
-        idx, argmax, ctx.mode, ctx.length, ctx.x_dtype, ctx.query_dtype, ctx.prompt_dtype, ctx.keys_dtype,
-        need_x and not x_as_view, need_cls, need_prompt, need_keys,
-    )
-    if x_as_view:
-        grad_x = g_prompted[:, k * ctx.length:].to(ctx.x_dtype)
-    return (
-        grad_x if need_x else None,
-        grad_cls if need_cls else None,
-        grad_prompt if need_prompt else None,
-        grad_keys if need_keys else None,
-        None, None, None, None,
-    )
-
-
 def pool_forward(
     x_embed: Tensor,
     prompt: Tensor,
@@ -388,6 +341,9 @@ def pool_forward(
     return dict(zip(names, out[: len(names)], strict=True))
 
 
+# The autograd of pool_forward is a C++ kernel (csrc/cpu/pool_autograd.cpp, Autograd dispatch key): it
+# saves (x_embed_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax) and calls pool_backward, so the
+# training path runs no Python. Only the fakes are registered here.
 if _native.is_built() and hasattr(torch.ops.l2p_fast, "pool_forward"):
     torch.library.register_fake("l2p_fast::pool_forward")(_pool_forward_fake)
     torch.library.register_fake("l2p_fast::pool_backward")(_pool_backward_fake)

@@ -1,0 +1,119 @@
+// Autograd of l2p_fast::pool_forward in C++, one kernel for CPU and CUDA tensors (the Autograd
+// dispatch key), so that no Python runs on the training path. The backward calls
+// l2p_fast::pool_backward through the dispatcher (its fake makes it traceable by torch.compile).
+// With cls_features as the query, grad x_embed is a view of the token slice of grad prompted.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "common/pool_host.h"
+
+namespace l2p_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+ForwardResult call_pool_forward(const at::Tensor& x, const std::optional<at::Tensor>& cls, const at::Tensor& prompt,
+                                const at::Tensor& keys, const std::optional<at::Tensor>& mask, int64_t mode,
+                                int64_t top_k, bool batchwise) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("l2p_fast::pool_forward", "")
+                       .typed<ForwardResult(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                            const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                            bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // straight to the CPU / CUDA kernel
+  return op.call(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+}
+
+BackwardResult call_pool_backward(const variable_list& g, const variable_list& saved, int64_t mode, int64_t length,
+                                  at::ScalarType x_dtype, at::ScalarType query_dtype, at::ScalarType prompt_dtype,
+                                  at::ScalarType keys_dtype, bool need_x, bool need_query, bool need_prompt,
+                                  bool need_keys) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("l2p_fast::pool_backward", "")
+          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                int64_t, at::ScalarType, at::ScalarType, at::ScalarType, at::ScalarType, bool, bool,
+                                bool, bool)>();
+  return op.call(g[0], g[1], g[2], g[3], g[4], g[5], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], mode,
+                 length, x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query, need_prompt, need_keys);
+}
+
+class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& cls,
+                               const at::Tensor& prompt, const at::Tensor& keys,
+                               const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k, bool batchwise) {
+    auto [prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq] =
+        call_pool_forward(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({idx, argmax, q_sumsq, k_sumsq});
+    ctx->save_for_backward({x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax});
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["length"] = prompt.size(1);
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    const bool has_cls = cls.has_value() && cls->defined();
+    ctx->saved_data["has_cls"] = has_cls;
+    ctx->saved_data["query_dtype"] = static_cast<int64_t>(has_cls ? cls->scalar_type() : x.scalar_type());
+    ctx->saved_data["prompt_dtype"] = static_cast<int64_t>(prompt.scalar_type());
+    ctx->saved_data["keys_dtype"] = static_cast<int64_t>(keys.scalar_type());
+    ctx->saved_data["prompted_sizes"] = prompted.sizes().vec();
+    ctx->saved_data["prompted_dtype"] = static_cast<int64_t>(prompted.scalar_type());
+    return {prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& x_norm = saved[0];
+    const at::Tensor& prompt_norm = saved[1];
+    const at::Tensor& idx = saved[4];
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const int64_t length = ctx->saved_data["length"].toInt();
+    const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
+    const int64_t batch = x_norm.size(0), width = x_norm.size(1), pool = prompt_norm.size(0), top_k = idx.size(1);
+    const auto acc = x_norm.options();
+    // grads of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); zeros where unused
+    variable_list g = {grads[0], grads[1], grads[2], grads[3], grads[5], grads[6]};
+    if (!g[0].defined()) {
+      g[0] = at::zeros(ctx->saved_data["prompted_sizes"].toIntVector(), acc.dtype(dtype("prompted_dtype")));
+    }
+    if (!g[1].defined()) g[1] = at::zeros({batch, width}, acc);
+    if (!g[2].defined()) g[2] = at::zeros({pool, width}, acc);
+    if (!g[3].defined()) g[3] = at::zeros({batch, pool}, acc);
+    if (!g[4].defined()) g[4] = at::zeros({batch, top_k, width}, acc);
+    if (!g[5].defined()) g[5] = at::zeros({}, acc);
+    // needs_input_grad counts tensor inputs only: x, [cls_features], prompt, keys, [prompt_mask]
+    const bool has_cls = ctx->saved_data["has_cls"].toBool();
+    const size_t prompt_edge = has_cls ? 2 : 1;
+    const bool need_x = ctx->needs_input_grad(0), need_cls = has_cls && ctx->needs_input_grad(1);
+    const bool need_prompt = ctx->needs_input_grad(prompt_edge), need_keys = ctx->needs_input_grad(prompt_edge + 1);
+    const bool x_as_view = need_x && mode == kModeCls;  // the token slice of grad prompted, no copy
+    auto [grad_x, grad_cls, grad_prompt, grad_keys] =
+        call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
+                           dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
+    if (x_as_view) grad_x = g[0].slice(1, top_k * length).to(dtype("x_dtype"));
+    const at::Tensor none;
+    return {need_x ? grad_x : none,           need_cls ? grad_cls : none,
+            need_prompt ? grad_prompt : none, need_keys ? grad_keys : none,
+            none,                             none,
+            none,                             none};
+  }
+};
+
+ForwardResult pool_forward_autograd(const at::Tensor& x, const std::optional<at::Tensor>& cls,
+                                    const at::Tensor& prompt, const at::Tensor& keys,
+                                    const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k,
+                                    bool batchwise) {
+  const variable_list out = PoolForwardFunction::apply(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2p_fast, Autograd, m) { m.impl("pool_forward", &pool_forward_autograd); }
+
+}  // namespace l2p_fast
