@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest tests -q
 
 demo: install
-	$(VENV)/bin/l2p-fast compare --methods l2p,seq,seq-frozen,ewc,er,joint --output runs/demo
+	$(VENV)/bin/l2p-fast compare --methods l2p,seq,seq-frozen,ewc,er,joint --batch-size 8 --top-k 2 --prompt-mask --head-type gap --output runs/demo --resume
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only

@@ -23,18 +23,18 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 # learning rate and train-time logit mask of each method when the config leaves them unset
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "l2p": {"lr": 0.01, "train_mask": "task"},
-    "l2p+er": {"lr": 0.01, "train_mask": "seen"},
-    "seq": {"lr": 5e-5, "train_mask": "seen"},
+    "l2p": {"lr": 0.03, "train_mask": "task"},
+    "l2p+er": {"lr": 0.03, "train_mask": "seen"},
+    "seq": {"lr": 1e-4, "train_mask": "seen"},
     "seq-frozen": {"lr": 0.01, "train_mask": "seen"},
-    "ewc": {"lr": 5e-5, "train_mask": "seen"},
-    "er": {"lr": 5e-5, "train_mask": "seen"},
-    "joint": {"lr": 5e-5, "train_mask": "all"},
+    "ewc": {"lr": 1e-4, "train_mask": "seen"},
+    "er": {"lr": 1e-4, "train_mask": "seen"},
+    "joint": {"lr": 1e-4, "train_mask": "all"},
 }
 
 # the budget each benchmark runs with when epochs / subset sizes are left unset (wordnet20: the demo)
 BENCHMARK_BUDGETS: dict[str, dict[str, Any]] = {
-    "wordnet20": {"epochs": 2, "train_per_class": 60, "test_per_class": 50},
+    "wordnet20": {"epochs": 1, "train_per_class": 40, "test_per_class": 30},
 }
 DEFAULT_EPOCHS = 5
 
@@ -75,7 +75,7 @@ class RunConfig:
     head_type: str = "prompt"
     backend: str = "auto"
     # EWC
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 1e5
     fisher_samples: int = 200
     # replay
     buffer_per_class: int = 10
