@@ -18,7 +18,7 @@ MODES = ("forward", "forward_backward", "forward_backward_x")
 
 
 def _rounds(shape: common.Shape) -> int:
-    return 30 if shape.batch <= 16 else (15 if shape.batch <= 64 else 8)
+    return 60 if shape.batch <= 16 else (25 if shape.batch <= 64 else 12)
 
 
 def _record(benchmark, shape: common.Shape, provider: str, mode: str, nbytes: int | None) -> None:
