@@ -347,9 +347,6 @@ def pool_forward(
 if _native.is_built() and hasattr(torch.ops.l2p_fast, "pool_forward"):
     torch.library.register_fake("l2p_fast::pool_forward")(_pool_forward_fake)
     torch.library.register_fake("l2p_fast::pool_backward")(_pool_backward_fake)
-    torch.library.register_autograd(
-        "l2p_fast::pool_forward", _pool_forward_backward, setup_context=_pool_forward_setup
-    )
 
 
 # ---------------------------------------------------------------------------------------------
