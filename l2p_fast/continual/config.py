@@ -40,6 +40,10 @@ DEFAULT_EPOCHS = 5
 
 # fields that do not change the numbers of a run (left out of the resume fingerprint)
 NON_RESULT_FIELDS = ("device", "num_threads", "checkpoint_every", "progress", "eval_batch_size")
+PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwise_prompt", "use_prompt_mask",
+                 "head_type", "backend")
+EWC_FIELDS = ("ewc_lambda", "fisher_samples")
+REPLAY_FIELDS = ("buffer_per_class", "replay_batch_size")
 
 
 @dataclass
@@ -101,8 +105,17 @@ class RunConfig:
         return cls(**values)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the fields that determine the results (resume refuses a checkpoint of another one)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        """SHA-256 of the fields that determine this method's results (resume refuses another run's checkpoint).
+
+        Options of other methods (e.g. ``ewc_lambda`` for ``l2p``) are left out, so changing them keeps
+        the finished runs of a ``compare --resume``.
+        """
+        skip = set(NON_RESULT_FIELDS)
+        groups = ((PROMPT_FIELDS, PROMPT_METHODS), (EWC_FIELDS, ("ewc",)), (REPLAY_FIELDS, REPLAY_METHODS))
+        for group, methods in groups:
+            if self.method not in methods:
+                skip.update(group)
+        values = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -58,5 +58,11 @@ def test_dict_round_trip_and_fingerprint():
     # settings that do not change the numbers do not change the fingerprint
     assert RunConfig(progress=False, checkpoint_every=7, device="cpu").fingerprint() == RunConfig().fingerprint()
     assert RunConfig(seed=1).fingerprint() != RunConfig().fingerprint()
+    # options of other methods are not part of a method's fingerprint
+    assert RunConfig(method="seq", ewc_lambda=1.0).fingerprint() == RunConfig(method="seq").fingerprint()
+    assert RunConfig(method="ewc", ewc_lambda=1.0).fingerprint() != RunConfig(method="ewc").fingerprint()
+    assert RunConfig(method="er", top_k=2).fingerprint() == RunConfig(method="er").fingerprint()
+    assert RunConfig(method="l2p", top_k=2).fingerprint() != RunConfig(method="l2p").fingerprint()
+    assert RunConfig(method="l2p", buffer_per_class=3).fingerprint() == RunConfig(method="l2p").fingerprint()
     with pytest.raises(ValueError, match="unknown keys"):
         RunConfig.from_dict({"method": "l2p", "learning_rate": 1})

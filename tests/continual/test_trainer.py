@@ -123,3 +123,20 @@ def test_phases_and_class_masks(tiny_backbone):
     assert class_mask("task", bench, (1,), device).nonzero().flatten().tolist() == [4, 5, 6, 7]
     assert class_mask("seen", bench, (1,), device).nonzero().flatten().tolist() == list(range(8))
     assert bool(class_mask("all", bench, (0,), device).all())
+
+
+def test_ewc_penalty_matches_formula_and_changes_training(tiny_backbone, tmp_path):
+    cfg = tiny_config("ewc", tiny_backbone.name, lr=1e-3, ewc_lambda=5000.0)
+    trainer = Trainer(cfg, tmp_path / "ewc", backbone=tiny_backbone)
+    ewc = trainer.run()
+    method = trainer.method
+    assert method.fisher and all(float(f.min()) >= 0 for f in method.fisher.values())
+    assert sum(float(f.sum()) for f in method.fisher.values()) > 0
+    assert float(method.penalty()) == 0.0  # at the anchor
+    name, param = next((n, p) for n, p in method.model.named_parameters() if n == "head.weight")
+    with torch.no_grad():
+        param.add_(0.1)
+    expected = 0.5 * 5000.0 * float((method.fisher[name] * 0.01).sum())
+    assert float(method.penalty()) == pytest.approx(expected, rel=1e-4)
+    seq = train(tiny_config("seq", tiny_backbone.name, lr=1e-3), tmp_path / "seq", backbone=tiny_backbone)
+    assert seq["accuracy_matrix"] != ewc["accuracy_matrix"]
