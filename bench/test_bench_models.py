@@ -53,11 +53,19 @@ def smoke_mode(config: pytest.Config) -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def report(request: pytest.FixtureRequest):
     yield
-    if not ROWS:
-        return
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    if writer is None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not ROWS or writer is None:
         return
+    if capture is None:
+        _write_table(writer)
+        return
+    with capture.global_and_fixture_disabled():  # the table goes to the terminal, not into the capture
+        _write_table(writer)
+
+
+def _write_table(writer) -> None:
+    writer.write_line("")
     writer.write_sep("=", "l2p_fast models: one training step, upstream-style vs ours")
     writer.write_line(
         f"torch threads: {torch.get_num_threads()}; assembly backend (auto): {assembly.resolve('auto', 'cpu')}"

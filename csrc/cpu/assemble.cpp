@@ -102,8 +102,9 @@ void assemble_kernel(const at::Tensor& x, const at::Tensor& prompt, const at::Te
   const int64_t cs0 = cls.size(0) == 1 ? 0 : cls.stride(0), cs2 = cls.stride(2);
   const int64_t qs1 = pos_ptr ? pos->stride(1) : 0, qs2 = pos_ptr ? pos->stride(2) : 0;
   const int64_t is0 = idx.stride(0), is1 = idx.stride(1);
-  // grain: enough rows per task to amortise the scheduling for small D
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  // grain: at least at::internal::GRAIN_SIZE elements per task, as ATen's own copy kernels, so small
+  // sequences run on the calling thread instead of waking the OpenMP pool
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));
   at::parallel_for(0, batch * seq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / seq, s = r % seq;
@@ -151,7 +152,10 @@ void prompt_grad_kernel(const at::Tensor& grad, const at::Tensor& idx, int64_t p
   scalar_t* o_ptr = out.data_ptr<scalar_t>();
   const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
   const int64_t is0 = idx.stride(0), is1 = idx.stride(1);
-  at::parallel_for(0, pool * length, 1, [&](int64_t begin, int64_t end) {
+  // every (m, l) row scans the B*K ids and adds ~B*K*D/M values: parallel only when the whole sum is big
+  const int64_t work = batch * top_k * length * width + pool * length * batch * top_k;
+  const int64_t grain = work < at::internal::GRAIN_SIZE ? pool * length : 1;
+  at::parallel_for(0, pool * length, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(width);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t m = r / length, l = r % length;
