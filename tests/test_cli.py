@@ -64,6 +64,11 @@ def test_unwritable_output(tmp_path, capsys):
     blocker.write_text("x")
     code, err = run_cli(["train", "--method", "seq", "--output", str(blocker)], capsys)
     assert code == 2 and "output: expected a folder" in err
+    code, err = run_cli(["train", "--method", "seq", "--output", str(blocker / "sub")], capsys)
+    assert code == 2 and "output: cannot write" in err  # a folder inside a file cannot be created, even by root
+
+
+def test_read_only_output(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)

@@ -132,11 +132,11 @@ def test_ewc_penalty_matches_formula_and_changes_training(tiny_backbone, tmp_pat
     method = trainer.method
     assert method.fisher and all(float(f.min()) >= 0 for f in method.fisher.values())
     assert sum(float(f.sum()) for f in method.fisher.values()) > 0
-    assert float(method.penalty()) == 0.0  # at the anchor
+    assert float(method.penalty().detach()) == 0.0  # at the anchor
     name, param = next((n, p) for n, p in method.model.named_parameters() if n == "head.weight")
     with torch.no_grad():
         param.add_(0.1)
     expected = 0.5 * 5000.0 * float((method.fisher[name] * 0.01).sum())
-    assert float(method.penalty()) == pytest.approx(expected, rel=1e-4)
+    assert float(method.penalty().detach()) == pytest.approx(expected, rel=1e-4)
     seq = train(tiny_config("seq", tiny_backbone.name, lr=1e-3), tmp_path / "seq", backbone=tiny_backbone)
     assert seq["accuracy_matrix"] != ewc["accuracy_matrix"]
