@@ -76,11 +76,13 @@ def plot_task_accuracy(
     results: Any,
     path: str | Path,
     title: str = "Accuracy after each task",
+    reference: Mapping[str, float] | None = None,
 ) -> Path:
     """Accuracy after each task.
 
     ``results`` is one accuracy matrix (plots each task's accuracy over time and the average) or
     a mapping ``{method: accuracy matrix}`` (plots the average-accuracy curve of each method).
+    ``reference`` ``{label: accuracy}`` adds dashed horizontal lines (e.g. the ``joint`` upper bound).
     """
     fig = _new_figure(7.0, 4.5)
     ax = fig.add_subplot()
@@ -108,6 +110,10 @@ def plot_task_accuracy(
             label=f"average (final {curve[-1]:.1f})",
         )
         ax.set_ylabel("accuracy (%)")
+    for label, value in (reference or {}).items():
+        ax.axhline(float(value), linestyle="--", color="grey", linewidth=1.2)
+        ax.annotate(f"{label} {float(value):.1f}", (1.0, float(value)), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=8, color="grey")
     ax.set_xlabel("tasks learned")
     ax.set_ylim(0, 100)
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -47,12 +47,13 @@ def write_run_plots(results: dict[str, Any], folder: str | Path) -> list[Path]:
 
 
 def write_comparison_plots(results: Sequence[dict[str, Any]], folder: str | Path) -> list[Path]:
-    """average_accuracy.png: the average-accuracy curve of every sequential method (joint is in the table)."""
+    """average_accuracy.png: the average-accuracy curve of every sequential method; joint as a dashed line."""
     from .plots import plot_task_accuracy
 
     curves = {r["method"]: r["accuracy_matrix"] for r in results if r.get("forgetting") is not None}
     if not curves:
         return []
     benchmark = results[0]["benchmark"]
+    reference = {f"{r['method']} (upper bound)": r["average_accuracy"] for r in results if r.get("forgetting") is None}
     return [plot_task_accuracy(curves, Path(folder) / "average_accuracy.png",
-                               title=f"{benchmark}: average accuracy on the tasks seen so far")]
+                               title=f"{benchmark}: average accuracy on the tasks seen so far", reference=reference)]

@@ -41,6 +41,9 @@ def test_task_accuracy_single_and_methods(tmp_path):
     assert_png(plot_task_accuracy(ACC, tmp_path / "single.png"))
     methods = {"l2p": ACC, "finetune": np.tril(np.full((4, 4), 30.0) + np.eye(4) * 60)}
     assert_png(plot_task_accuracy(methods, tmp_path / "methods.png", title="CIFAR"))
+    plain = (tmp_path / "methods.png").read_bytes()
+    assert_png(plot_task_accuracy(methods, tmp_path / "ref.png", title="CIFAR", reference={"joint": 75.0}))
+    assert (tmp_path / "ref.png").read_bytes() != plain
     with pytest.raises(ValueError, match="empty"):
         plot_task_accuracy({}, tmp_path / "none.png")
 
