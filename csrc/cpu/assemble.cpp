@@ -85,6 +85,26 @@ inline void write_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ s
   }
 }
 
+// ``tile`` consecutive token rows whose x values are d-strided (x[n0 + t, d] = src[d * src_step + t]):
+// dst[t * width + d] = src[d * src_step + t] (+ pos[t * pos_row + d * pos_step]).
+template <typename scalar_t>
+inline void copy_token_tile(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t src_step,
+                            const scalar_t* __restrict__ pos, int64_t pos_row, int64_t pos_step, int64_t tile,
+                            int64_t width) {
+  using acc_t = acc_type_t<scalar_t>;
+  for (int64_t d = 0; d < width; ++d) {
+    const scalar_t* column = src + d * src_step;
+    for (int64_t t = 0; t < tile; ++t) {
+      if (pos == nullptr) {
+        dst[t * width + d] = column[t];
+      } else {
+        dst[t * width + d] =
+            static_cast<scalar_t>(static_cast<acc_t>(column[t]) + static_cast<acc_t>(pos[t * pos_row + d * pos_step]));
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void assemble_kernel(const at::Tensor& x, const at::Tensor& prompt, const at::Tensor& idx, const at::Tensor& cls,
                      const c10::optional<at::Tensor>& pos, at::Tensor& out) {
@@ -119,6 +139,15 @@ void assemble_kernel(const at::Tensor& x, const at::Tensor& prompt, const at::Te
         TORCH_CHECK(id >= 0 && id < pool, "assemble: idx[", b, ", ", j, "] = ", id, " is outside [0, ", pool, ")");
         src = p_ptr + id * ps0 + l * ps1;
         step = ps2;
+      } else if (xs1 == 1 && xs2 != 1) {
+        // transposed tokens (timm's patch embedding): copy a tile of up to 16 token rows at once, so
+        // each cache line of x (consecutive tokens) is used by all rows of the tile
+        const int64_t n0 = s - 1 - prompt_len;
+        const int64_t tile = std::min<int64_t>({int64_t{16}, end - r, tokens - n0});
+        copy_token_tile<scalar_t>(o_ptr + r * width, x_ptr + b * xs0 + n0, xs2,
+                                  pos_ptr ? pos_ptr + s * qs1 : nullptr, qs1, qs2, tile, width);
+        r += tile - 1;
+        continue;
       } else {
         src = x_ptr + b * xs0 + (s - 1 - prompt_len) * xs1;
         step = xs2;
