@@ -11,17 +11,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..pool import OUTPUT_ORDER
+
 HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
 # the pool outputs a prompted model passes on (the port's dict, without the materialised sequence)
-POOL_KEYS = (
-    "prompt_idx",
-    "prompt_norm",
-    "x_embed_norm",
-    "similarity",
-    "selected_key",
-    "reduce_sim",
-    "total_prompt_len",
-)
+POOL_KEYS = tuple(key for key in OUTPUT_ORDER if key != "prompted_embedding")
 
 
 def check_head_type(head_type: str) -> None:
