@@ -171,4 +171,14 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_prompted, const at::
   return a;
 }
 
+// Calls f(double{}) or f(float{}): the accumulation type of the similarity stage.
+template <typename F>
+void dispatch_acc(at::ScalarType acc_type, F&& f) {
+  if (acc_type == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
 }  // namespace l2p_fast

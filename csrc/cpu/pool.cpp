@@ -41,16 +41,6 @@ inline int64_t grain_for(int64_t elements_per_row) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
 
-// Calls f(double{}) or f(float{}): the accumulation type of the similarity stage.
-template <typename F>
-void dispatch_acc(at::ScalarType acc_type, F&& f) {
-  if (acc_type == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
-
 // ----------------------------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------------------------

@@ -20,15 +20,6 @@ constexpr int kThreads = 256;
 
 inline int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
 
-template <typename F>
-void dispatch_acc(at::ScalarType acc_type, F&& f) {
-  if (acc_type == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
-
 // ----------------------------------------------------------------------------------------------
 // Forward kernels
 // ----------------------------------------------------------------------------------------------
