@@ -44,6 +44,28 @@ def pool_tokens(x: Tensor, head_type: str, prompt_len: int, mask: Tensor | None 
     raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
 
 
+def head_rows(head_type: str, prompt_len: int, seq_len: int) -> tuple[int, int]:
+    """Rows ``start:stop`` of [CLS, K·Lp prompts, rest] (length S = ``seq_len``) that ``head_type`` reads.
+
+    'token': 0:1; 'prompt': 1:1+K·Lp; 'token+prompt': 0:1+K·Lp; 'gap': 0:S (no mask).
+    """
+    if head_type == "token":
+        return 0, 1
+    if head_type == "prompt":
+        return 1, 1 + prompt_len
+    if head_type == "token+prompt":
+        return 0, 1 + prompt_len
+    if head_type == "gap":
+        return 0, seq_len
+    raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
+
+
+def pool_rows(rows: Tensor, head_type: str) -> Tensor:
+    """``pool_tokens`` on just the rows ``head_rows`` selected (B, R, D) → (B, D): CLS for 'token', else their mean."""
+    check_head_type(head_type)
+    return rows[:, 0] if head_type == "token" else rows.mean(dim=1)
+
+
 def task_prompt_mask(task_id: int, top_k: int, pool_size: int, batch: int, device: torch.device) -> Tensor | None:
     """Train-time task mask (B, K): ids t·K … t·K+K−1, or None when t < 0 or the range exceeds M."""
     start, end = task_id * top_k, (task_id + 1) * top_k

@@ -6,7 +6,9 @@ query is the final-LayerNorm CLS token of the prompt-free pass through the SAME 
 (no second copy of the weights), with no grad and in eval mode. State-dict keys are the port's:
 timm's names plus ``prompt.prompt`` and ``prompt.prompt_key``, with ``pos_embed`` of length
 1 + K·Lp + N; a plain timm state dict (``pos_embed`` of length 1 + N) is resized on load.
-Shapes: B batch, N patches, D width, M pool, K top-k, Lp prompt length.
+The last block computes only the rows that are read (``vit_rows``): the CLS row in the query pass,
+and with ``final_tokens='head'`` the rows the head reads in the prompted pass.
+Shapes: B batch, N patches, D width, M pool, K top-k, Lp prompt length, R rows.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ from torch import Tensor, nn
 
 from ..pool import FusedPromptPool
 from .assembly import assemble
-from .common import POOL_KEYS, check_head_type, eval_mode, freeze_all_but, pool_tokens, task_prompt_mask
+from .common import (
+    POOL_KEYS,
+    check_head_type,
+    eval_mode,
+    freeze_all_but,
+    head_rows,
+    pool_rows,
+    pool_tokens,
+    task_prompt_mask,
+)
+from .vit_rows import blocks_rows, is_rowwise_norm
 
 TRAINABLE = ("prompt.", "head.")
+FINAL_TOKENS = ("all", "head")
 
 
 def expand_pos_embed(pos_embed: Tensor, prompt_len: int) -> Tensor:
@@ -50,6 +63,10 @@ class L2PViT(nn.Module):
 
     Built from an existing ViT whose modules it adopts (not copies); see ``from_timm``.
     Trainable: ``prompt.prompt`` (M, Lp, D), ``prompt.prompt_key`` (M, D) and ``head``.
+    ``final_tokens``: 'all' runs the last block on every token; 'head' only on the rows the head
+    reads (CLS for 'token', the K·Lp prompts for 'prompt', both for 'token+prompt', all for 'gap'),
+    keys and values still from every token: same logits, similarities and gradients up to rounding,
+    but ``forward``'s ``x`` then holds just those rows.
     """
 
     def __init__(
@@ -66,10 +83,13 @@ class L2PViT(nn.Module):
         prompt_init: str = "uniform",
         prompt_key_init: str = "uniform",
         backend: str = "auto",
+        final_tokens: str = "all",
     ) -> None:
         super().__init__()
         _check_vit(vit)
         check_head_type(head_type)
+        if final_tokens not in FINAL_TOKENS:
+            raise ValueError(f"final_tokens: expected one of {FINAL_TOKENS}, got {final_tokens!r}")
         width = vit.cls_token.shape[-1]
         prompt = FusedPromptPool(
             length=length,
@@ -105,6 +125,7 @@ class L2PViT(nn.Module):
         self.head_type = head_type
         self.use_prompt_mask = use_prompt_mask
         self.backend = backend
+        self.final_tokens = final_tokens
         self._register_load_state_dict_pre_hook(self._resize_pos_embed_on_load)
         freeze_all_but(self, TRAINABLE)
 
@@ -125,6 +146,7 @@ class L2PViT(nn.Module):
         backend: str = "auto",
         prompt_init: str = "uniform",
         prompt_key_init: str = "uniform",
+        final_tokens: str = "all",
         **timm_kwargs: object,
     ) -> L2PViT:
         """Build from a timm VisionTransformer instance or a model name (``timm.create_model``).
@@ -161,6 +183,7 @@ class L2PViT(nn.Module):
             prompt_init=prompt_init,
             prompt_key_init=prompt_key_init,
             backend=backend,
+            final_tokens=final_tokens,
         )
 
     def _resize_pos_embed_on_load(self, state_dict: dict, prefix: str, *_: object) -> None:
@@ -184,30 +207,46 @@ class L2PViT(nn.Module):
         self._check_image(x)
         return self._backbone_tokens(self.patch_embed(x))
 
-    def _backbone_tokens(self, patches: Tensor) -> Tensor:
-        """Prompt-free pass from patch embeddings (B, N, D) → final-normed tokens (B, 1 + N, D)."""
+    def _backbone_input(self, patches: Tensor) -> Tensor:
+        """Prompt-free block input: patch embeddings (B, N, D) → [CLS, patches] + positions (B, 1 + N, D)."""
         pos = torch.cat([self.pos_embed[:, :1], self.pos_embed[:, 1 + self.prompt_len :]], dim=1)
         seq = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + pos
-        return self.norm(self.blocks(self.norm_pre(self.pos_drop(seq))))
+        return self.norm_pre(self.pos_drop(seq))
+
+    def _backbone_tokens(self, patches: Tensor) -> Tensor:
+        """Prompt-free pass from patch embeddings (B, N, D) → final-normed tokens (B, 1 + N, D)."""
+        return self.norm(self.blocks(self._backbone_input(patches)))
+
+    def _final_rows(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Final-normed rows ``start:stop`` (B, R, D) of block input x (B, S, D); the last block computes only those."""
+        if is_rowwise_norm(self.norm):
+            return self.norm(blocks_rows(self.blocks, x, start, stop))
+        return self.norm(self.blocks(x))[:, start:stop]  # an unknown final norm: slice after it
 
     @torch.no_grad()
     def query(self, x: Tensor) -> Tensor:
-        """The query ``cls_features`` (B, D): final-LayerNorm CLS of the frozen prompt-free pass, no grad, eval mode."""
-        with eval_mode(self):
-            return self.forward_backbone(x)[:, 0]
+        """The query ``cls_features`` (B, D): final-LayerNorm CLS of the frozen prompt-free pass, no grad, eval mode.
+
+        Equals ``forward_backbone(x)[:, 0]`` up to float rounding: the last block computes only the CLS row.
+        """
+        self._check_image(x)
+        return self._query_from_patches(self.patch_embed(x))
 
     @torch.no_grad()
     def _query_from_patches(self, patches: Tensor) -> Tensor:
+        """The query (B, D) from patch embeddings (B, N, D)."""
         with eval_mode(self):
-            return self._backbone_tokens(patches)[:, 0]
+            return self._final_rows(self._backbone_input(patches), 0, 1)[:, 0]
 
     def forward(
         self, x: Tensor, task_id: int = -1, cls_features: Tensor | None = None, train: bool = False
     ) -> dict[str, Tensor | int]:
-        """Images (B, C, H, W) → the port's dict: pool outputs, ``x`` (B, 1 + K·Lp + N, D), ``pre_logits``, ``logits``.
+        """Images (B, C, H, W) → the port's dict: pool outputs, ``x``, ``pre_logits`` (B, D), ``logits``.
 
-        ``cls_features`` (B, D): precomputed queries; None computes them with ``query``. With
-        ``use_prompt_mask`` and ``train``, task ``task_id`` uses prompt ids t·K … t·K+K−1.
+        ``x``: the final-normed tokens (B, 1 + K·Lp + N, D) with ``final_tokens='all'``; with 'head' only
+        the rows the head reads (B, R, D): R = 1 ('token'), K·Lp ('prompt'), 1 + K·Lp ('token+prompt'),
+        1 + K·Lp + N ('gap'). ``cls_features`` (B, D): precomputed queries; None computes them as
+        ``query`` does. With ``use_prompt_mask`` and ``train``, task ``task_id`` uses prompt ids t·K … t·K+K−1.
         """
         self._check_image(x)
         patches = self.patch_embed(x)  # (B, N, D)
@@ -224,12 +263,21 @@ class L2PViT(nn.Module):
         seq = assemble(
             patches, self.prompt.prompt, res["prompt_idx"], self.cls_token, self.pos_embed, backend=self.backend
         )
-        seq = self.norm(self.blocks(self.norm_pre(self.pos_drop(seq))))
-        pre_logits = pool_tokens(seq, self.head_type, res["total_prompt_len"])
+        seq = self.norm_pre(self.pos_drop(seq))
+        if self.final_tokens == "head":
+            start, stop = head_rows(self.head_type, res["total_prompt_len"], seq.shape[1])
+            seq = self._final_rows(seq, start, stop)
+            pre_logits = pool_rows(seq, self.head_type)
+        else:
+            seq = self.norm(self.blocks(seq))
+            pre_logits = pool_tokens(seq, self.head_type, res["total_prompt_len"])
         res["x"] = seq
         res["pre_logits"] = pre_logits
         res["logits"] = self.head(self.head_drop(self.fc_norm(pre_logits)))
         return res
 
     def extra_repr(self) -> str:
-        return f"head_type={self.head_type!r}, prompt_len={self.prompt_len}, num_patches={self.num_patches}"
+        return (
+            f"head_type={self.head_type!r}, prompt_len={self.prompt_len}, num_patches={self.num_patches}, "
+            f"final_tokens={self.final_tokens!r}"
+        )

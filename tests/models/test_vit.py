@@ -71,7 +71,9 @@ def test_prompt_free_pass_equals_timm_exactly() -> None:
         assert torch.equal(model.forward_backbone(x), features)
         assert torch.equal(model.head(model.fc_norm(model.forward_backbone(x)[:, 0])), vit(x))
     q = model.query(x)
-    assert torch.equal(q, features[:, 0]) and not q.requires_grad
+    # the query's last block computes only the CLS row (smaller matmuls, other summation order): equal up to rounding
+    torch.testing.assert_close(q, features[:, 0], rtol=1e-5, atol=1e-6)
+    assert not q.requires_grad
 
 
 def test_positional_table_layout() -> None:
@@ -160,8 +162,8 @@ def test_loading_plain_timm_weights_resizes_positions() -> None:
     assert set(result.missing_keys) == {"prompt.prompt", "prompt.prompt_key"} and not result.unexpected_keys
     expected = torch.cat([vit.pos_embed[:, :1].expand(-1, 1 + K * LP, -1), vit.pos_embed[:, 1:]], dim=1)
     assert torch.equal(model.pos_embed, expected)
-    with torch.no_grad():
-        assert torch.equal(model.query(images(2)), vit.forward_features(images(2))[:, 0])
+    with torch.no_grad():  # query: CLS-row-only last block, equal up to rounding
+        torch.testing.assert_close(model.query(images(2)), vit.forward_features(images(2))[:, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_task_prompt_mask() -> None:
