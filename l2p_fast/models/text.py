@@ -7,6 +7,9 @@ computed prompt-free with no grad and with the backbone in eval mode; since the 
 and text has no augmentation, queries can be cached per example (``encode_queries``) so a training
 step runs one transformer pass instead of two. The backbone always runs in eval mode (no dropout):
 it is frozen, and this keeps the prompted features consistent with the cached queries.
+A supported ``BertModel`` runs padding-free (``bert_packed``: linear layers on the valid rows only,
+pad positions of ``x`` are zeros); anything else runs HF's forward. ``final_tokens='head'`` computes
+the last layer only for the rows the head reads.
 Shapes: B batch, T tokens, D width, M pool, K top-k, Lp prompt length.
 """
 
@@ -21,9 +24,16 @@ from torch import Tensor, nn
 
 from ..pool import FusedPromptPool
 from .assembly import assemble
+from .bert_packed import bert_last_hidden
 from .common import POOL_KEYS, check_head_type, eval_mode, freeze_all_but, pool_tokens, task_prompt_mask
 
 TRAINABLE = ("prompt.", "head.")
+FINAL_TOKENS = ("all", "head")
+
+
+def _head_rows(head_type: str, prompt_len: int) -> tuple[int, int] | None:
+    """Rows [start, stop) of [CLS, K·Lp prompts, rest] the head reads; None for all ('gap')."""
+    return {"token": (0, 1), "prompt": (1, 1 + prompt_len), "token+prompt": (0, 1 + prompt_len)}.get(head_type)
 
 
 def default_backbone_path() -> str:
@@ -67,7 +77,11 @@ class L2PTextEncoder(nn.Module):
 
     Trainable: ``prompt.prompt`` (M, Lp, D), ``prompt.prompt_key`` (M, D), ``head`` (D → num_classes).
     ``backend`` picks the prompt-pool and assembly implementation ('auto', 'reference', 'cpu', 'cuda',
-    'triton'). ``tokenizer`` overrides the backbone's own tokenizer.
+    'triton'). ``tokenizer`` overrides the backbone's own tokenizer. ``packed``: run a supported
+    ``BertModel`` padding-free (``bert_packed.packed_unsupported`` says why not; then HF's forward).
+    ``final_tokens``: 'all' computes every row of the last layer; 'head' only the rows the head reads
+    ('token': CLS, 'prompt': the K·Lp prompts, 'token+prompt': both, 'gap': all valid rows), with the
+    same logits, ``reduce_sim`` and gradients up to float rounding; ``x`` then holds only those rows.
     """
 
     def __init__(
@@ -87,9 +101,15 @@ class L2PTextEncoder(nn.Module):
         prompt_key_init: str = "uniform",
         backend: str = "auto",
         tokenizer: object = None,
+        final_tokens: str = "all",
+        packed: bool = True,
     ) -> None:
         super().__init__()
         check_head_type(head_type)
+        if final_tokens not in FINAL_TOKENS:
+            raise ValueError(f"final_tokens: expected one of {FINAL_TOKENS}, got {final_tokens!r}")
+        if not isinstance(packed, bool):
+            raise ValueError(f"packed: expected a bool, got {packed!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -117,6 +137,8 @@ class L2PTextEncoder(nn.Module):
         self.use_prompt_mask = use_prompt_mask
         self.max_length = max_length
         self.backend = backend
+        self.final_tokens = final_tokens
+        self.packed = packed
         self.backbone.eval()
         freeze_all_but(self, TRAINABLE)
 
@@ -164,7 +186,7 @@ class L2PTextEncoder(nn.Module):
         """Frozen, prompt-free, mean-pooled sentence embedding (B, D), no grad, backbone in eval mode."""
         attention_mask = self._check_ids(input_ids, attention_mask)
         with eval_mode(self.backbone):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = bert_last_hidden(self.backbone, attention_mask, input_ids=input_ids, packed=self.packed)
         return mean_pool(hidden, attention_mask).float()
 
     @torch.no_grad()
@@ -188,6 +210,10 @@ class L2PTextEncoder(nn.Module):
         token_type_ids: Tensor | None = None,
     ) -> dict[str, Tensor | int]:
         """Prompted forward: the port's dict (pool outputs, ``x`` (B, 1+K·Lp+T−1, D), ``pre_logits``, ``logits``).
+
+        ``x`` is zero at pad positions on the padding-free path; with ``final_tokens='head'`` it holds
+        only the rows the head reads: (B, 1, D) 'token', (B, K·Lp, D) 'prompt', (B, 1+K·Lp, D)
+        'token+prompt', all rows 'gap'.
 
         ``cls_features`` (B, D): cached queries; None computes them (a second, no-grad pass).
         With ``use_prompt_mask`` and ``train``, task ``task_id`` uses prompt ids t·K … t·K+K−1.
@@ -214,13 +240,27 @@ class L2PTextEncoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         types = torch.cat([token_type_ids[:, :1].expand(-1, 1 + prompt_len), token_type_ids[:, 1:]], dim=1)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, token_type_ids=types)
-        x = out.last_hidden_state
-        pre_logits = pool_tokens(x, self.head_type, prompt_len, mask)
+        rows = _head_rows(self.head_type, prompt_len) if self.final_tokens == "head" else None
+        x = bert_last_hidden(
+            self.backbone,
+            mask,
+            inputs_embeds=embeds,
+            position_ids=positions,
+            token_type_ids=types,
+            final_rows=rows,
+            packed=self.packed,
+        )
+        if rows is None:
+            pre_logits = pool_tokens(x, self.head_type, prompt_len, mask)
+        else:  # x holds exactly the rows the head averages
+            pre_logits = x[:, 0] if self.head_type == "token" else x.mean(dim=1)
         res["x"] = x
         res["pre_logits"] = pre_logits
         res["logits"] = self.head(pre_logits)
         return res
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, head_type={self.head_type!r}, max_length={self.max_length}"
+        return (
+            f"num_classes={self.num_classes}, head_type={self.head_type!r}, max_length={self.max_length}, "
+            f"final_tokens={self.final_tokens!r}"
+        )

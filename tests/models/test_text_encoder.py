@@ -69,7 +69,6 @@ def test_prompted_forward_equals_hand_built_bert(backbone, head_type: str, backe
     batch = model.tokenize(TEXTS)
     out = model(**batch)
     expected = hand_built(model, batch, out["prompt_idx"])
-    torch.testing.assert_close(out["x"], expected, rtol=1e-5, atol=1e-5)
     k_lp = out["total_prompt_len"]
     assert k_lp == 2 * 3
     mask = torch.cat(
@@ -80,6 +79,11 @@ def test_prompted_forward_equals_hand_built_bert(backbone, head_type: str, backe
         ],
         dim=1,
     )
+    valid = mask.bool()
+    assert (~valid).any()  # the batch has padding
+    assert out["x"].shape == expected.shape
+    torch.testing.assert_close(out["x"][valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert (out["x"][~valid] == 0).all()  # the padding-free path leaves pad positions at zero
     pooled = {
         "token": expected[:, 0],
         "prompt": expected[:, 1 : 1 + k_lp].mean(1),
@@ -160,10 +164,103 @@ def test_bad_inputs(backbone) -> None:
         model.tokenize("a single string")
 
 
-def test_autocast_bf16_keeps_similarity_fp32(backbone) -> None:
-    model = make(backbone)
+@pytest.mark.parametrize("final_tokens", ["all", "head"])
+def test_autocast_bf16_keeps_similarity_fp32(backbone, final_tokens: str) -> None:
+    model = make(backbone, final_tokens=final_tokens)
     batch = model.tokenize(TEXTS[:2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch)
     assert out["similarity"].dtype == torch.float32
     assert torch.isfinite(out["logits"].float()).all()
+
+
+def head_rows_of(head_type: str, k_lp: int, seq: int) -> slice:
+    return {"token": slice(0, 1), "prompt": slice(1, 1 + k_lp), "token+prompt": slice(0, 1 + k_lp)}.get(
+        head_type, slice(0, seq)
+    )
+
+
+def step_grads(model: L2PTextEncoder, batch: dict, cache: torch.Tensor) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, cls_features=cache)
+    labels = torch.arange(out["logits"].shape[0]) % model.num_classes
+    (torch.nn.functional.cross_entropy(out["logits"], labels) - 0.1 * out["reduce_sim"]).backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("head_type", ["prompt", "token", "token+prompt", "gap"])
+def test_final_tokens_head_equals_all(backbone, head_type: str) -> None:
+    full = make(backbone, head_type=head_type, final_tokens="all")
+    head = make(backbone, head_type=head_type, final_tokens="head")
+    assert head.final_tokens == "head" and "final_tokens='head'" in repr(head)
+    batch = full.tokenize(TEXTS)
+    cache = full.encode_queries(TEXTS)
+    out_all, grads_all = step_grads(full, batch, cache)
+    out_head, grads_head = step_grads(head, batch, cache)
+    for key in ("logits", "pre_logits", "reduce_sim", "similarity"):
+        torch.testing.assert_close(out_head[key], out_all[key], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_head["prompt_idx"], out_all["prompt_idx"])
+    assert set(grads_head) == set(grads_all) == {"prompt.prompt", "prompt.prompt_key", "head.weight", "head.bias"}
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_head[name], grad, rtol=1e-5, atol=1e-5)
+    # x holds only the rows the head reads
+    rows = head_rows_of(head_type, out_all["total_prompt_len"], out_all["x"].shape[1])
+    torch.testing.assert_close(out_head["x"], out_all["x"][:, rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("final_tokens", ["all", "head"])
+def test_packed_equals_hf_path(backbone, final_tokens: str) -> None:
+    """The padding-free path gives HF's numbers (packed=False runs HF's forward)."""
+    packed = make(backbone, final_tokens=final_tokens)
+    plain = make(backbone, final_tokens=final_tokens, packed=False)
+    batch = packed.tokenize(TEXTS)
+    cache = plain.encode_queries(TEXTS)
+    torch.testing.assert_close(packed.encode_queries(TEXTS), cache, rtol=1e-5, atol=1e-5)
+    out_p, grads_p = step_grads(packed, batch, cache)
+    out_h, grads_h = step_grads(plain, batch, cache)
+    for key in ("logits", "reduce_sim"):
+        torch.testing.assert_close(out_p[key], out_h[key], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_p["prompt_idx"], out_h["prompt_idx"])
+    for name, grad in grads_h.items():
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_backbone_gives_hf_results() -> None:
+    """A decoder BertModel is not supported padding-free: the prompted forward is HF's, unchanged."""
+    from l2p_fast.models.bert_packed import packed_unsupported
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, is_decoder=True,
+    )  # fmt: skip
+    bert = transformers.BertModel(config)
+    assert "decoder" in packed_unsupported(bert)
+    model = L2PTextEncoder(bert, num_classes=3, length=2, pool_size=4, top_k=2, head_type="gap", final_tokens="head")
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    out = model(ids, mask)
+    reference = make_reference_inputs(model, ids, mask, out["prompt_idx"])
+    with torch.no_grad():
+        expected = bert(**reference).last_hidden_state
+    torch.testing.assert_close(out["x"], expected)  # every position, pads included: HF's forward ran
+
+
+def make_reference_inputs(model: L2PTextEncoder, ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> dict:
+    words = model.backbone.get_input_embeddings()(ids)
+    bsz, k = idx.shape
+    lp, width = model.prompt.prompt.shape[1:]
+    prompts = model.prompt.prompt[idx].reshape(bsz, k * lp, width)
+    return {
+        "inputs_embeds": torch.cat([words[:, :1], prompts, words[:, 1:]], dim=1),
+        "attention_mask": torch.cat([mask[:, :1].expand(-1, 1 + k * lp), mask[:, 1:]], dim=1),
+        "position_ids": torch.tensor([0] * (1 + k * lp) + list(range(1, ids.shape[1]))).expand(bsz, -1),
+        "token_type_ids": torch.zeros(bsz, 1 + k * lp + ids.shape[1] - 1, dtype=torch.int64),
+    }
+
+
+def test_bad_final_tokens(backbone) -> None:
+    with pytest.raises(ValueError, match=r"final_tokens.*'all', 'head'.*'cls'"):
+        make(backbone, final_tokens="cls")
+    with pytest.raises(ValueError, match="packed"):
+        make(backbone, packed="yes")
