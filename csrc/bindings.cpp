@@ -4,6 +4,8 @@
 // l2p_fast/ops.py.
 #include <torch/extension.h>
 
+#include "common/output_cache.h"
+
 TORCH_LIBRARY(l2p_fast, m) {
   // Query of each sample from its tokens: x (B, N, D) -> (q (B, D) in max(x.dtype, fp32),
   // argmax (B, D) int64: the token index each max came from; empty for mode 0).
@@ -43,4 +45,16 @@ static bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "l2p_fast native kernels (ops are registered under torch.ops.l2p_fast)";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def(
+      "cpu_output_cache_stats",
+      [] {
+        const l2p_fast::OutputCacheStats s = l2p_fast::output_cache_stats();
+        return std::map<std::string, int64_t>{{"limit_bytes", s.limit_bytes},   {"cached_bytes", s.cached_bytes},
+                                              {"cached_blocks", s.cached_blocks}, {"in_use_bytes", s.in_use_bytes},
+                                              {"hits", s.hits},                   {"misses", s.misses}};
+      },
+      "counters of the reuse cache of large CPU outputs");
+  m.def("cpu_output_cache_clear", &l2p_fast::output_cache_clear, "free the unused blocks of the CPU output cache");
+  m.def("cpu_output_cache_set_limit", &l2p_fast::output_cache_set_limit, py::arg("limit_bytes"),
+        "most bytes the CPU output cache keeps unused (0: off)");
 }

@@ -5,7 +5,15 @@
 
 from . import reference
 from .dispatch import available_backends
+from .memory import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
 from .pool import FusedPromptPool
 
-__all__ = ["FusedPromptPool", "available_backends", "reference"]
+__all__ = [
+    "FusedPromptPool",
+    "available_backends",
+    "cpu_cache_stats",
+    "empty_cpu_cache",
+    "reference",
+    "set_cpu_cache_limit",
+]
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/output_cache.h"
+
 namespace l2p_fast {
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -101,7 +103,7 @@ inline ForwardArgs prepare_forward(const at::Tensor& x, const std::optional<at::
 inline ForwardOutputs allocate_forward(const ForwardArgs& a) {
   const auto acc = a.x.options().dtype(a.acc_type);
   ForwardOutputs o;
-  o.prompted = at::empty({a.batch, a.top_k * a.length + a.tokens, a.width}, a.x.options().dtype(a.out_type));
+  o.prompted = empty_output({a.batch, a.top_k * a.length + a.tokens, a.width}, a.x.options().dtype(a.out_type));
   o.x_norm = at::empty({a.batch, a.width}, acc);
   o.prompt_norm = at::empty({a.pool, a.width}, acc);
   o.similarity = at::empty({a.batch, a.pool}, acc);

@@ -91,10 +91,16 @@ L2P_HD int64_t descending_rank(const T* values, int64_t count, int64_t i) {
 
 // Gradient of l2n at one element: y = l2n(v) (the saved output), g = dL/dy, dot = <y, g> of the row.
 // Unclamped: r * (g - y * dot); clamped: r * g (the clamp passes no gradient to the norm).
+// l2n_grad_row applies it with r = inverse_norm(sumsq) and the clamp flag computed once per row
+// (the same numbers, without a square root and a division per element).
+template <typename acc_t>
+L2P_HD acc_t l2n_grad_row(acc_t g, acc_t y, acc_t dot, acc_t r, bool clamped) {
+  return clamped ? r * g : r * (g - y * dot);
+}
+
 template <typename acc_t>
 L2P_HD acc_t l2n_grad(acc_t g, acc_t y, acc_t dot, acc_t sumsq) {
-  const acc_t r = inverse_norm(sumsq);
-  return is_clamped(sumsq) ? r * g : r * (g - y * dot);
+  return l2n_grad_row(g, y, dot, inverse_norm(sumsq), is_clamped(sumsq));
 }
 
 // Query of one feature from its running token statistics (SPEC §4.1).

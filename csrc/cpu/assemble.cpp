@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/output_cache.h"
+
 namespace l2p_fast {
 namespace {
 
@@ -165,7 +167,7 @@ at::Tensor assemble_cpu(const at::Tensor& x_in, const at::Tensor& prompt_in, con
   c10::optional<at::Tensor> pos;
   if (pos_in.has_value()) pos = pos_in->to(dtype);
   const int64_t seq = 1 + idx.size(1) * prompt.size(1) + x.size(1);
-  at::Tensor out = at::empty({x.size(0), seq, x.size(2)}, x.options().dtype(dtype));
+  at::Tensor out = empty_output({x.size(0), seq, x.size(2)}, x.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "assemble_cpu",
                                   [&] { assemble_kernel<scalar_t>(x, prompt, idx, cls, pos, out); });
   return out;

@@ -236,8 +236,10 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
         for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
       }
       const acc_t dot = math::row_dot(xn + b * width, g.data(), width);
+      const acc_t r = math::inverse_norm(qs[b]);
+      const bool clamped = math::is_clamped(qs[b]);
       for (int64_t d = 0; d < width; ++d) {
-        grad_q[b * width + d] = math::l2n_grad(g[d], xn[b * width + d], dot, qs[b]);
+        grad_q[b * width + d] = math::l2n_grad_row(g[d], xn[b * width + d], dot, r, clamped);
       }
     }
   });
@@ -258,8 +260,10 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
         }
       }
       const acc_t dot = math::row_dot(kn + m * width, g.data(), width);
+      const acc_t r = math::inverse_norm(ks[m]);
+      const bool clamped = math::is_clamped(ks[m]);
       for (int64_t d = 0; d < width; ++d) {
-        grad_k[m * width + d] = math::l2n_grad(g[d], kn[m * width + d], dot, ks[m]);
+        grad_k[m * width + d] = math::l2n_grad_row(g[d], kn[m * width + d], dot, r, clamped);
       }
     }
   });
@@ -362,7 +366,7 @@ BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const at::Tens
     if (need_query && mode == kModeCls) grad_query = grad_q.to(query_dtype);
   }
   if (need_x) {
-    grad_x = at::empty({a.batch, a.tokens, a.width}, opts.dtype(x_dtype));
+    grad_x = empty_output({a.batch, a.tokens, a.width}, opts.dtype(x_dtype));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_prompted.scalar_type(), "pool_bwd_x", [&] {
       using grad_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "pool_bwd_x2", [&] {

@@ -58,6 +58,9 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     const bool has_cls = cls.has_value() && cls->defined();
     ctx->saved_data["has_cls"] = has_cls;
+    // a leaf x_embed stores its grad: AccumulateGrad would clone a strided view with a fresh malloc,
+    // so such a grad is written contiguous into a reused block instead (same bytes, no page faults)
+    ctx->saved_data["x_leaf"] = x.is_leaf();
     ctx->saved_data["query_dtype"] = static_cast<int64_t>(has_cls ? cls->scalar_type() : x.scalar_type());
     ctx->saved_data["prompt_dtype"] = static_cast<int64_t>(prompt.scalar_type());
     ctx->saved_data["keys_dtype"] = static_cast<int64_t>(keys.scalar_type());
@@ -95,7 +98,15 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
     auto [grad_x, grad_cls, grad_prompt, grad_keys] =
         call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
                            dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
-    if (x_as_view) grad_x = g[0].slice(1, top_k * length).to(dtype("x_dtype"));
+    if (x_as_view) {
+      const at::Tensor tokens = g[0].slice(1, top_k * length);
+      if (ctx->saved_data["x_leaf"].toBool()) {
+        grad_x = empty_output(tokens.sizes(), tokens.options().dtype(dtype("x_dtype")));
+        grad_x.copy_(tokens);
+      } else {
+        grad_x = tokens.to(dtype("x_dtype"));
+      }
+    }
     const at::Tensor none;
     return {need_x ? grad_x : none,           need_cls ? grad_cls : none,
             need_prompt ? grad_prompt : none, need_keys ? grad_keys : none,

@@ -38,6 +38,7 @@ class L2P(Method):
             head_type=cfg.head_type,
             use_prompt_mask=cfg.use_prompt_mask,
             backend=cfg.backend,
+            final_tokens="head",  # the trainer reads logits and reduce_sim only: skip the last-block rows no head reads
         )
         if backbone.kind == "text":
             from ...models import L2PTextEncoder

@@ -1,0 +1,162 @@
+// The reuse cache of large CPU outputs (see common/output_cache.h). A c10::Allocator whose blocks
+// go back to a FIFO of free blocks when their storage dies; an allocation takes the first free block
+// of its rounded size. Unused bytes stay below a limit (L2P_FAST_CPU_CACHE_MB, default 1024 MB; 0
+// turns it off); older blocks are freed first. Allocations and releases are reported to PyTorch's
+// CPU memory profiler like the default allocator's, so profiled peaks stay comparable.
+#include "common/output_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+
+namespace l2p_fast {
+namespace {
+
+constexpr size_t kGranule = 64 * 1024;  // sizes are rounded up to this, so near sizes share blocks
+
+int64_t limit_from_env() {
+  const char* value = std::getenv("L2P_FAST_CPU_CACHE_MB");
+  if (value == nullptr || *value == '\0') return int64_t{1024} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && mb >= 0,
+              "L2P_FAST_CPU_CACHE_MB: expected a non-negative integer (megabytes), got '", value, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
+
+class OutputCache final : public c10::Allocator {
+ public:
+  OutputCache() : limit_(limit_from_env()) {}
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const size_t size = (nbytes + kGranule - 1) / kGranule * kGranule;
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->first == size) {
+          ptr = it->second;
+          free_.erase(it);
+          cached_ -= static_cast<int64_t>(size);
+          break;
+        }
+      }
+      ptr != nullptr ? ++hits_ : ++misses_;
+    }
+    if (ptr == nullptr) ptr = c10::alloc_cpu(size);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_.emplace(ptr, size);
+      in_use_ += static_cast<int64_t>(size);
+    }
+    c10::profiledCPUMemoryReporter().New(ptr, size);
+    return {ptr, ptr, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &OutputCache::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  OutputCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {limit_, cached_, static_cast<int64_t>(free_.size()), in_use_, hits_, misses_};
+  }
+
+  void set_limit(int64_t bytes) {
+    std::deque<std::pair<size_t, void*>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = bytes;
+      trim_locked(0, dropped);
+    }
+    for (auto& block : dropped) c10::free_cpu(block.second);
+  }
+
+  int64_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+
+  static OutputCache& instance() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: tensors may die after static teardown
+    return *cache;
+  }
+
+ private:
+  static void release(void* ptr) { instance().give_back(ptr); }
+
+  void give_back(void* ptr) {
+    c10::profiledCPUMemoryReporter().Delete(ptr);
+    std::deque<std::pair<size_t, void*>> dropped;
+    bool keep = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = live_.find(ptr);
+      TORCH_INTERNAL_ASSERT(it != live_.end(), "l2p_fast output cache: release of an unknown block");
+      const size_t size = it->second;
+      live_.erase(it);
+      in_use_ -= static_cast<int64_t>(size);
+      if (static_cast<int64_t>(size) <= limit_) {
+        trim_locked(static_cast<int64_t>(size), dropped);
+        free_.emplace_back(size, ptr);
+        cached_ += static_cast<int64_t>(size);
+        keep = true;
+      }
+    }
+    if (!keep) c10::free_cpu(ptr);
+    for (auto& block : dropped) c10::free_cpu(block.second);
+  }
+
+  // Move the oldest free blocks to `dropped` until `incoming` more bytes fit under the limit.
+  void trim_locked(int64_t incoming, std::deque<std::pair<size_t, void*>>& dropped) {
+    while (!free_.empty() && cached_ + incoming > limit_) {
+      cached_ -= static_cast<int64_t>(free_.front().first);
+      dropped.push_back(free_.front());
+      free_.pop_front();
+    }
+  }
+
+  std::mutex mutex_;
+  std::deque<std::pair<size_t, void*>> free_;  // (rounded size, block), oldest first
+  std::unordered_map<void*, size_t> live_;     // blocks handed out and not yet released
+  int64_t limit_;
+  int64_t cached_ = 0, in_use_ = 0, hits_ = 0, misses_ = 0;
+};
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (options.device().type() != c10::DeviceType::CPU) return at::empty(sizes, options);
+  const auto dtype = c10::typeMetaToScalarType(options.dtype());
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  OutputCache& cache = OutputCache::instance();
+  if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < kOutputCacheMinBytes || cache.limit() == 0) {
+    return at::empty(sizes, options);
+  }
+  return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+}
+
+OutputCacheStats output_cache_stats() { return OutputCache::instance().stats(); }
+
+void output_cache_clear() {
+  OutputCache& cache = OutputCache::instance();
+  const int64_t limit = cache.limit();
+  cache.set_limit(0);
+  cache.set_limit(limit);
+}
+
+void output_cache_set_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "limit_bytes: expected >= 0, got ", bytes);
+  OutputCache::instance().set_limit(bytes);
+}
+
+}  // namespace l2p_fast

@@ -1,0 +1,36 @@
+"""The reuse cache of large CPU outputs of the native kernels (``csrc/cpu/output_cache.cpp``).
+
+On the CPU, glibc returns big freed blocks to the kernel, so a fresh (B, K·Lp + N, D) output costs
+page faults and zeroing on every call — more than writing it. The native ops take their large
+outputs (≥ 256 KiB: the prompted sequence, the assembled sequence, token gradients) from a small
+cache of blocks released by earlier outputs. Unused blocks stay below a limit (default 1024 MB, or
+``L2P_FAST_CPU_CACHE_MB``; 0 turns the cache off), oldest freed first. Live tensors are reported to
+PyTorch's memory profiler like any CPU allocation.
+"""
+
+from __future__ import annotations
+
+from . import _native
+
+
+def _extension():
+    if not _native.is_built():
+        raise RuntimeError(f"the CPU output cache belongs to the native extension: {_native.LOAD_ERROR}")
+    return _native._C
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """Counters: limit_bytes, cached_bytes (unused, held), cached_blocks, in_use_bytes, hits, misses."""
+    return dict(_extension().cpu_output_cache_stats())
+
+
+def empty_cpu_cache() -> None:
+    """Free every unused block (blocks of live tensors come back when those tensors die)."""
+    _extension().cpu_output_cache_clear()
+
+
+def set_cpu_cache_limit(megabytes: float) -> None:
+    """Keep at most ``megabytes`` of unused blocks (0: off, every output is a fresh allocation)."""
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int | float) or megabytes < 0:
+        raise ValueError(f"megabytes: expected a non-negative number, got {megabytes!r}")
+    _extension().cpu_output_cache_set_limit(int(megabytes * 2**20))
