@@ -28,7 +28,15 @@ from .common import (
     pool_tokens,
     task_prompt_mask,
 )
-from .vit_rows import blocks_rows, is_rowwise_norm
+from .vit_rows import (
+    block_from_qkv,
+    block_with_frozen_rows,
+    blocks_rows,
+    first_qkv,
+    is_rowwise_norm,
+    is_stochastic,
+    supports_shared_rows,
+)
 
 TRAINABLE = ("prompt.", "head.")
 FINAL_TOKENS = ("all", "head")
@@ -126,6 +134,9 @@ class L2PViT(nn.Module):
         self.use_prompt_mask = use_prompt_mask
         self.backend = backend
         self.final_tokens = final_tokens
+        # when the query is computed here, the first block's projections of the frozen rows come from the query
+        # pass (exact up to rounding; off: the prompted pass recomputes them)
+        self.share_first_block = True
         self._register_load_state_dict_pre_hook(self._resize_pos_embed_on_load)
         freeze_all_but(self, TRAINABLE)
 
@@ -217,11 +228,35 @@ class L2PViT(nn.Module):
         """Prompt-free pass from patch embeddings (B, N, D) → final-normed tokens (B, 1 + N, D)."""
         return self.norm(self.blocks(self._backbone_input(patches)))
 
-    def _final_rows(self, x: Tensor, start: int, stop: int) -> Tensor:
-        """Final-normed rows ``start:stop`` (B, R, D) of block input x (B, S, D); the last block computes only those."""
+    def _final_rows(self, x: Tensor, start: int, stop: int, blocks: nn.Module | None = None) -> Tensor:
+        """Final-normed rows ``start:stop`` (B, R, D) of block input x (B, S, D) through ``blocks`` (default: all);
+        the last block computes only those rows."""
+        blocks = self.blocks if blocks is None else blocks
         if is_rowwise_norm(self.norm):
-            return self.norm(blocks_rows(self.blocks, x, start, stop))
-        return self.norm(self.blocks(x))[:, start:stop]  # an unknown final norm: slice after it
+            return self.norm(blocks_rows(blocks, x, start, stop))
+        return self.norm(blocks(x))[:, start:stop]  # an unknown final norm: slice after it
+
+    def _can_share_first_block(self, patches: Tensor) -> bool:
+        """Whether the prompted pass may take the first block's qkv of its frozen rows (CLS, patches) from the
+        query pass: a row-wise timm block that behaves alike in both passes, and no gradient wanted there."""
+        blocks = self.blocks
+        if not self.share_first_block or not isinstance(blocks, nn.Sequential) or len(blocks) < 2:
+            return False
+        if blocks._forward_hooks or blocks._forward_pre_hooks or not supports_shared_rows(blocks[0]):
+            return False
+        if is_stochastic(self.pos_drop) or not is_rowwise_norm(self.norm_pre):
+            return False
+        frozen = (patches, self.cls_token, self.pos_embed, *blocks[0].parameters())
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in frozen))
+
+    @torch.no_grad()
+    def _query_sharing_first_block(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """The query (B, D) and the first block's qkv (B, 1 + N, 3A) of the prompt-free rows [CLS, patches]."""
+        with eval_mode(self):
+            x = self._backbone_input(patches)
+            qkv = first_qkv(self.blocks[0], x)
+            x = block_from_qkv(self.blocks[0], x, qkv)
+            return self._final_rows(x, 0, 1, self.blocks[1:])[:, 0], qkv
 
     @torch.no_grad()
     def query(self, x: Tensor) -> Tensor:
@@ -250,8 +285,12 @@ class L2PViT(nn.Module):
         """
         self._check_image(x)
         patches = self.patch_embed(x)  # (B, N, D)
+        shared_qkv = None  # the first block's qkv of [CLS, patches], from the query pass
         if cls_features is None:  # the frozen patch embedding is shared by the query and the prompted pass
-            cls_features = self._query_from_patches(patches.detach())
+            if self._can_share_first_block(patches):
+                cls_features, shared_qkv = self._query_sharing_first_block(patches.detach())
+            else:
+                cls_features = self._query_from_patches(patches.detach())
         prompt_mask = None
         if self.use_prompt_mask and train:
             prompt_mask = task_prompt_mask(task_id, self.prompt.top_k, self.prompt.pool_size, x.shape[0], x.device)
@@ -264,12 +303,16 @@ class L2PViT(nn.Module):
             patches, self.prompt.prompt, res["prompt_idx"], self.cls_token, self.pos_embed, backend=self.backend
         )
         seq = self.norm_pre(self.pos_drop(seq))
+        blocks = self.blocks
+        if shared_qkv is not None:  # the first block projects only the prompt rows
+            seq = block_with_frozen_rows(blocks[0], seq, shared_qkv, 1, 1 + res["total_prompt_len"])
+            blocks = blocks[1:]
         if self.final_tokens == "head":
             start, stop = head_rows(self.head_type, res["total_prompt_len"], seq.shape[1])
-            seq = self._final_rows(seq, start, stop)
+            seq = self._final_rows(seq, start, stop, blocks)
             pre_logits = pool_rows(seq, self.head_type)
         else:
-            seq = self.norm(self.blocks(seq))
+            seq = self.norm(blocks(seq))
             pre_logits = pool_tokens(seq, self.head_type, res["total_prompt_len"])
         res["x"] = seq
         res["pre_logits"] = pre_logits

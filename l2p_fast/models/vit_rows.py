@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,7 +49,7 @@ def is_rowwise_norm(module: nn.Module) -> bool:
     return type(module) in (timm.norms if timm is not None else _TORCH_NORMS)
 
 
-def _stochastic(module: nn.Module) -> bool:
+def is_stochastic(module: nn.Module) -> bool:
     """True when a submodule in training mode has a non-zero dropout or drop-path rate."""
     for m in module.modules():
         rate = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", 0.0)
@@ -77,7 +78,7 @@ def supports_rows(block: nn.Module) -> bool:
         return False
     if type(block.drop_path1) not in timm.drop_paths or type(block.drop_path2) not in timm.drop_paths:
         return False
-    if (attn.training and attn.attn_drop.p > 0) or _stochastic(block):
+    if (attn.training and attn.attn_drop.p > 0) or is_stochastic(block):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
 
@@ -131,3 +132,47 @@ def blocks_rows(blocks: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
     for i, block in enumerate(blocks):
         x = block_rows(block, x, start, stop) if i == last else block(x)
     return x
+
+
+# ------------------------------------------------------------------------------------------------
+# The first block shared by the query pass and the prompted pass. Both passes feed the first block the
+# same frozen rows (CLS and patches, with their positions); the prompted pass only adds the K·Lp prompt
+# rows. Their normed inputs and qkv projections are computed once, in the no-grad query pass, and the
+# prompted pass projects only its new rows (and its backward skips the frozen rows' projection).
+# ------------------------------------------------------------------------------------------------
+def supports_shared_rows(block: nn.Module) -> bool:
+    """True when ``block``'s qkv of some rows may come from another pass (row-wise, no gate)."""
+    return supports_rows(block) and getattr(block.attn, "gate", None) is None
+
+
+def first_qkv(block: nn.Module, x: Tensor) -> Tensor:
+    """The fused qkv projection (B, N, 3A) of the block's normed input x (B, N, D)."""
+    return block.attn.qkv(block.norm1(x))
+
+
+def _attend(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """timm ``Attention`` from its qkv (B, N, 3A) → output (B, N, D), as ``Attention.forward`` computes it."""
+    b, n, _ = qkv.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, getattr(attn, "attn_dim", heads * head_dim)))
+    return attn.proj_drop(attn.proj(out))
+
+
+def block_from_qkv(block: nn.Module, x: Tensor, qkv: Tensor) -> Tensor:
+    """``block(x)`` (B, N, D) given the qkv projection (B, N, 3A) of its normed input (``first_qkv``)."""
+    y = x + block.drop_path1(block.ls1(_attend(block.attn, qkv)))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+
+def block_with_frozen_rows(block: nn.Module, x: Tensor, frozen_qkv: Tensor, start: int, stop: int) -> Tensor:
+    """``block(x)`` (B, N, D) where only rows start:stop are new: the other rows' qkv is ``frozen_qkv``
+    (B, N − (stop − start), 3A), the qkv of x without those rows (e.g. from the prompt-free pass)."""
+    new = first_qkv(block, x[:, start:stop])
+    qkv = torch.cat([frozen_qkv[:, :start], new, frozen_qkv[:, start:]], dim=1)
+    return block_from_qkv(block, x, qkv)
