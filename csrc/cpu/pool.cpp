@@ -34,10 +34,11 @@ inline void copy_row(const src_t* src, dst_t* dst, int64_t n) {
   }
 }
 
-// Rows per task so that a task touches at least ~16K elements: small problems run inline, without
-// waking the thread pool.
+// Rows per task so that a task touches at least ~256K elements: small problems run inline, without
+// waking the thread pool (measured on the 2-core machine: a parallel region costs ~25 us, as much as
+// ~250K multiply-adds; the similarity and gradient loops of an L2P batch are smaller than that).
 inline int64_t grain_for(int64_t elements_per_row) {
-  constexpr int64_t kMinElementsPerTask = 1 << 14;
+  constexpr int64_t kMinElementsPerTask = 1 << 18;
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, elements_per_row));
 }
 
@@ -223,26 +224,28 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
   const acc_t* ks = a.k_sumsq.data_ptr<acc_t>();
   const int64_t* idx = a.idx.data_ptr<int64_t>();
   const acc_t coef = *a.grad_reduce_sim.data_ptr<acc_t>() / static_cast<acc_t>(batch);
-  at::parallel_for(0, batch, grain_for((pool + top_k) * width), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g(width);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t d = 0; d < width; ++d) g[d] = g_xn[b * width + d];
-      for (int64_t m = 0; m < pool; ++m) {
-        const acc_t s = g_sim[b * pool + m];
-        for (int64_t d = 0; d < width; ++d) g[d] += s * kn[m * width + d];
+  if (grad_q != nullptr) {  // null when neither x_embed nor cls_features needs a gradient
+    at::parallel_for(0, batch, grain_for((pool + top_k) * width), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> g(width);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t d = 0; d < width; ++d) g[d] = g_xn[b * width + d];
+        for (int64_t m = 0; m < pool; ++m) {
+          const acc_t s = g_sim[b * pool + m];
+          for (int64_t d = 0; d < width; ++d) g[d] += s * kn[m * width + d];
+        }
+        for (int64_t k = 0; k < top_k; ++k) {
+          const acc_t* key = kn + idx[b * top_k + k] * width;
+          for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
+        }
+        const acc_t dot = math::row_dot(xn + b * width, g.data(), width);
+        const acc_t r = math::inverse_norm(qs[b]);
+        const bool clamped = math::is_clamped(qs[b]);
+        for (int64_t d = 0; d < width; ++d) {
+          grad_q[b * width + d] = math::l2n_grad_row(g[d], xn[b * width + d], dot, r, clamped);
+        }
       }
-      for (int64_t k = 0; k < top_k; ++k) {
-        const acc_t* key = kn + idx[b * top_k + k] * width;
-        for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
-      }
-      const acc_t dot = math::row_dot(xn + b * width, g.data(), width);
-      const acc_t r = math::inverse_norm(qs[b]);
-      const bool clamped = math::is_clamped(qs[b]);
-      for (int64_t d = 0; d < width; ++d) {
-        grad_q[b * width + d] = math::l2n_grad_row(g[d], xn[b * width + d], dot, r, clamped);
-      }
-    }
-  });
+    });
+  }
   if (grad_k == nullptr) return;
   at::parallel_for(0, pool, grain_for(batch * (1 + top_k) * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(width);

@@ -4,8 +4,13 @@
 // With cls_features as the query, grad x_embed is a view of the token slice of grad prompted.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
 
 #include "common/pool_host.h"
 
@@ -41,6 +46,28 @@ BackwardResult call_pool_backward(const variable_list& g, const variable_list& s
                                 bool, bool)>();
   return op.call(g[0], g[1], g[2], g[3], g[4], g[5], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], mode,
                  length, x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query, need_prompt, need_keys);
+}
+
+// Zeros standing in for the gradients of unused outputs: small CPU ones are views of one zero buffer
+// per dtype (pool_backward only reads them), so a backward allocates and clears nothing for them.
+// Only for plain eager tensors: under tracing (fake / functional tensors, Python modes) it allocates.
+at::Tensor unused_grad(at::IntArrayRef sizes, const at::TensorOptions& options, const at::Tensor& like) {
+  constexpr int64_t kMaxShared = int64_t{1} << 20;  // elements; larger ones are allocated as usual
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const auto keys = like.key_set();
+  const bool plain = like.device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+                     !keys.has(c10::DispatchKey::Functionalize) && !c10::impl::TorchDispatchModeTLS::any_modes_set();
+  if (!plain || options.device().type() != c10::DeviceType::CPU || numel > kMaxShared) {
+    return at::zeros(sizes, options);
+  }
+  static std::mutex mutex;
+  static auto* buffers = new std::map<at::ScalarType, at::Tensor>();  // never destroyed (tensors may outlive it)
+  const auto dtype = c10::typeMetaToScalarType(options.dtype());
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[dtype];
+  if (!buffer.defined() || buffer.numel() < numel) buffer = at::zeros({std::max(numel, int64_t{1} << 16)}, options);
+  return buffer.narrow(0, 0, numel).view(sizes);
 }
 
 class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
@@ -82,12 +109,13 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
     // grads of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); zeros where unused
     variable_list g = {grads[0], grads[1], grads[2], grads[3], grads[5], grads[6]};
     if (!g[0].defined()) {
-      g[0] = at::zeros(ctx->saved_data["prompted_sizes"].toIntVector(), acc.dtype(dtype("prompted_dtype")));
+      const auto sizes = ctx->saved_data["prompted_sizes"].toIntVector();
+      g[0] = unused_grad(sizes, acc.dtype(dtype("prompted_dtype")), x_norm);
     }
-    if (!g[1].defined()) g[1] = at::zeros({batch, width}, acc);
-    if (!g[2].defined()) g[2] = at::zeros({pool, width}, acc);
-    if (!g[3].defined()) g[3] = at::zeros({batch, pool}, acc);
-    if (!g[4].defined()) g[4] = at::zeros({batch, top_k, width}, acc);
+    if (!g[1].defined()) g[1] = unused_grad({batch, width}, acc, x_norm);
+    if (!g[2].defined()) g[2] = unused_grad({pool, width}, acc, x_norm);
+    if (!g[3].defined()) g[3] = unused_grad({batch, pool}, acc, x_norm);
+    if (!g[4].defined()) g[4] = unused_grad({batch, top_k, width}, acc, x_norm);
     if (!g[5].defined()) g[5] = at::zeros({}, acc);
     // needs_input_grad counts tensor inputs only: x, [cls_features], prompt, keys, [prompt_mask]
     const bool has_cls = ctx->saved_data["has_cls"].toBool();
@@ -99,6 +127,7 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
         call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
                            dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
     if (x_as_view) {
+      for (size_t i = 1; i < g.size(); ++i) g[i].reset();  // the zero fillers go before the big copy
       const at::Tensor tokens = g[0].slice(1, top_k * length);
       if (ctx->saved_data["x_leaf"].toBool()) {
         grad_x = empty_output(tokens.sizes(), tokens.options().dtype(dtype("x_dtype")));

@@ -27,6 +27,7 @@ from .common import (
     pool_rows,
     pool_tokens,
     task_prompt_mask,
+    walk_modules,
 )
 from .vit_rows import (
     block_from_qkv,
@@ -246,8 +247,12 @@ class L2PViT(nn.Module):
             return False
         if is_stochastic(self.pos_drop) or not is_rowwise_norm(self.norm_pre):
             return False
-        frozen = (patches, self.cls_token, self.pos_embed, *blocks[0].parameters())
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in frozen))
+        if not torch.is_grad_enabled():
+            return True
+        if patches.requires_grad or self.cls_token.requires_grad or self.pos_embed.requires_grad:
+            return False
+        params = (p for m in walk_modules(blocks[0]) for p in m._parameters.values())
+        return not any(p is not None and p.requires_grad for p in params)
 
     @torch.no_grad()
     def _query_sharing_first_block(self, patches: Tensor) -> tuple[Tensor, Tensor]:

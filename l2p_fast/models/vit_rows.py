@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import walk_modules
+
 _TORCH_NORMS = (nn.Identity, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -49,17 +51,24 @@ def is_rowwise_norm(module: nn.Module) -> bool:
     return type(module) in (timm.norms if timm is not None else _TORCH_NORMS)
 
 
+def _is_stochastic(m: nn.Module) -> bool:
+    if not m.training:
+        return False
+    attrs = m.__dict__  # plain attributes: no nn.Module.__getattr__ fallback on a miss
+    return bool(attrs.get("p", 0.0) if isinstance(m, nn.modules.dropout._DropoutNd) else attrs.get("drop_prob", 0.0))
+
+
 def is_stochastic(module: nn.Module) -> bool:
     """True when a submodule in training mode has a non-zero dropout or drop-path rate."""
-    for m in module.modules():
-        rate = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", 0.0)
-        if m.training and rate:
-            return True
-    return False
+    return any(_is_stochastic(m) for m in walk_modules(module))
 
 
 def supports_rows(block: nn.Module) -> bool:
-    """True when ``block_rows`` may compute ``block``'s rows on their own (else it runs the full block)."""
+    """True when ``block_rows`` may compute ``block``'s rows on their own (else it runs the full block).
+
+    Runs on every forward, so it walks the block's modules once (no hooks, no convolution, nothing
+    stochastic) after the type checks.
+    """
     timm = _timm()
     if timm is None or type(block) is not timm.block or type(getattr(block, "attn", None)) is not timm.attention:
         return False
@@ -69,18 +78,21 @@ def supports_rows(block: nn.Module) -> bool:
         return False
     if gate is not None and type(gate) is not nn.Linear:
         return False
-    if type(mlp) not in timm.mlps or any(isinstance(m, nn.modules.conv._ConvNd) for m in mlp.modules()):
+    if type(mlp) not in timm.mlps:
         return False
-    norms = (block.norm2, attn.q_norm, attn.k_norm, attn.norm, getattr(mlp, "norm", nn.Identity()))
-    if not all(is_rowwise_norm(m) for m in norms):
+    norms = (block.norm2, attn.q_norm, attn.k_norm, attn.norm, getattr(mlp, "norm", None))
+    if not all(m is None or is_rowwise_norm(m) for m in norms):
         return False
     if type(block.ls1) not in timm.scales or type(block.ls2) not in timm.scales:
         return False
     if type(block.drop_path1) not in timm.drop_paths or type(block.drop_path2) not in timm.drop_paths:
         return False
-    if (attn.training and attn.attn_drop.p > 0) or is_stochastic(block):
+    if attn.training and attn.attn_drop.p > 0:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
+    for m in walk_modules(block):
+        if m._forward_hooks or m._forward_pre_hooks or isinstance(m, nn.modules.conv._ConvNd) or _is_stochastic(m):
+            return False
+    return True
 
 
 def _attention_rows(attn: nn.Module, h: Tensor, start: int, stop: int) -> Tensor:
