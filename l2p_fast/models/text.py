@@ -25,15 +25,20 @@ from torch import Tensor, nn
 from ..pool import FusedPromptPool
 from .assembly import assemble
 from .bert_packed import bert_last_hidden
-from .common import POOL_KEYS, check_head_type, eval_mode, freeze_all_but, pool_tokens, task_prompt_mask
+from .common import (
+    POOL_KEYS,
+    check_head_type,
+    eval_mode,
+    freeze_all_but,
+    head_rows,
+    pool_rows,
+    pool_tokens,
+    task_prompt_mask,
+)
 
 TRAINABLE = ("prompt.", "head.")
 FINAL_TOKENS = ("all", "head")
 
-
-def _head_rows(head_type: str, prompt_len: int) -> tuple[int, int] | None:
-    """Rows [start, stop) of [CLS, K·Lp prompts, rest] the head reads; None for all ('gap')."""
-    return {"token": (0, 1), "prompt": (1, 1 + prompt_len), "token+prompt": (0, 1 + prompt_len)}.get(head_type)
 
 
 def default_backbone_path() -> str:
@@ -240,7 +245,10 @@ class L2PTextEncoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         types = torch.cat([token_type_ids[:, :1].expand(-1, 1 + prompt_len), token_type_ids[:, 1:]], dim=1)
-        rows = _head_rows(self.head_type, prompt_len) if self.final_tokens == "head" else None
+        # 'gap' reads every valid row (mask-weighted): nothing to cut
+        rows = None
+        if self.final_tokens == "head" and self.head_type != "gap":
+            rows = head_rows(self.head_type, prompt_len, embeds.shape[1])
         x = bert_last_hidden(
             self.backbone,
             mask,
@@ -252,8 +260,8 @@ class L2PTextEncoder(nn.Module):
         )
         if rows is None:
             pre_logits = pool_tokens(x, self.head_type, prompt_len, mask)
-        else:  # x holds exactly the rows the head averages
-            pre_logits = x[:, 0] if self.head_type == "token" else x.mean(dim=1)
+        else:  # x holds exactly the rows the head reads
+            pre_logits = pool_rows(x, self.head_type)
         res["x"] = x
         res["pre_logits"] = pre_logits
         res["logits"] = self.head(pre_logits)
