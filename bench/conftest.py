@@ -68,13 +68,18 @@ BACKWARD_MODES = (("forward_backward", "fwd+bwd (x frozen)"), ("forward_backward
 
 def _table(rows: list[dict], copy_gbs: float) -> str:
     by_key = {(r["shape"], r["provider"], r["mode"]): r for r in rows}
+
+    def interleaved(shape: str, provider: str, mode: str) -> str:
+        row = by_key.get((shape, provider, f"interleaved_{mode}"))
+        return f"{row['ratio']:.2f}" if row else ""
+
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     floors = {"floor": "floor (alloc + write once)", "floor-reused": "floor (write once, reused buffer)"}
     providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] not in floors))
-    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd / floor", "fwd / reused floor", "fwd GB/s",
-              "MB moved (fwd)"]
+    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd × eager, interleaved", "fwd / floor",
+              "fwd / reused floor", "fwd GB/s", "MB moved (fwd)"]
     for _, label in BACKWARD_MODES:
-        header += [f"{label} ms", "× eager", "peak MB"]
+        header += [f"{label} ms", "× eager", "× eager, interleaved", "peak MB"]
     lines = [
         f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s",
         "",
@@ -92,7 +97,7 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
         for name, label in floors.items():
             row = by_key.get((shape, name, "forward"))
             if row:
-                cells = [shape, label, f"{row['min_ms']:.3f}", "", *ratios(row["min_ms"]),
+                cells = [shape, label, f"{row['min_ms']:.3f}", "", "", *ratios(row["min_ms"]),
                          f"{row['bytes'] / row['min_ms'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.1f}"]
                 lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
         for provider in providers:
@@ -100,15 +105,17 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
             cells = [shape, provider]
             if f:
                 cells += [f"{f['min_ms']:.3f}", f"{eager_f['min_ms'] / f['min_ms']:.2f}" if eager_f else "",
-                          *ratios(f["min_ms"]), f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
+                          interleaved(shape, provider, "forward"), *ratios(f["min_ms"]),
+                          f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
             else:
-                cells += [""] * 6
+                cells += [""] * 7
             for mode, _ in BACKWARD_MODES:
                 b = by_key.get((shape, provider, mode))
                 eager_b = by_key.get((shape, "eager", mode))
                 mem = by_key.get((shape, provider, f"peak_{mode}"))
                 cells += [f"{b['min_ms']:.3f}" if b else "",
                           f"{eager_b['min_ms'] / b['min_ms']:.2f}" if b and eager_b else "",
+                          interleaved(shape, provider, mode),
                           f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

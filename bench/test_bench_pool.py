@@ -1,10 +1,14 @@
 """Prompt pool: providers side by side (eager reference, torch.compile of it, every fused backend on
-the device), forward (no grad) and forward+backward with x_embed frozen (L2P) or trainable, with peak memory; the floor.
+the device), forward (no grad) and forward+backward with x_embed frozen (L2P) or trainable, with peak memory; two
+floors; and eager against each fused backend interleaved round by round (ratios under the same machine state).
 
 Full run: `pytest bench/ --benchmark-only`; smoke run (seconds, CI): `pytest bench/ --benchmark-disable -q`.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -67,3 +71,36 @@ def test_floor(benchmark, shape: common.Shape, smoke: bool, floor: str) -> None:
                              warmup_rounds=0 if smoke else 2)
     assert out.shape == (shape.batch, shape.seq, shape.width)
     _record(benchmark, shape, floor, "forward", common.forward_bytes(shape, fused=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
+    """eager and each fused provider alternate within every round, so both see the same machine state; the
+    median of the per-round ratios eager / provider is the table's 'interleaved' speed-up. As in the other
+    benchmarks, each step's output stays alive until that step runs again."""
+    dev = common.device()
+    benchmark.group = f"{shape.name} {mode} interleaved"
+    names = ["eager"] + common.native_backends(dev.type)
+    steps = {}
+    for name in names:
+        pool, forward = common.make_pool(shape, name, dev)
+        steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    held: dict[str, object] = {}
+    order = list(names)
+
+    def one_round() -> None:
+        for name in order:
+            start = time.perf_counter()
+            held[name] = steps[name]()
+            times[name].append(time.perf_counter() - start)
+        order.append(order.pop(0))
+
+    warmup = 0 if smoke else 3
+    benchmark.pedantic(one_round, rounds=1 if smoke else _rounds(shape), warmup_rounds=warmup)
+    if benchmark.stats is None:
+        return
+    for name in names[1:]:
+        ratios = [e / v for e, v in zip(times["eager"][warmup:], times[name][warmup:], strict=True)]
+        RESULTS.append({"shape": shape.name, "provider": name, "mode": f"interleaved_{mode}",
+                        "ratio": statistics.median(ratios), "rounds": len(ratios)})  # fmt: skip
