@@ -1,13 +1,14 @@
 // The reuse cache of large CPU outputs (see common/output_cache.h). A c10::Allocator whose blocks
 // go back to a list of free blocks when their storage dies; an allocation takes the most recently
 // released block of its rounded size (warm in cache). Blocks of 2 MiB and more are 2 MiB-aligned and
-// advised to use transparent huge pages. Unused bytes stay below a limit (L2P_FAST_CPU_CACHE_MB, default 1024 MB; 0
-// turns it off); older blocks are freed first. Allocations and releases are reported to PyTorch's
+// advised to use transparent huge pages. Unused bytes stay below a limit (L2P_FAST_CPU_CACHE_MB,
+// default 1024 MB; 0 turns it off); older blocks are freed first. Allocations and releases are reported to PyTorch's
 // CPU memory profiler like the default allocator's, so profiled peaks stay comparable.
 #include "common/output_cache.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/accumulate.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
@@ -102,6 +103,17 @@ class OutputCache final : public c10::Allocator {
     for (auto& block : dropped) free_block(block.second);
   }
 
+  // Free every unused block (the limit stays).
+  void clear() {
+    std::deque<std::pair<size_t, void*>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      dropped.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& block : dropped) free_block(block.second);
+  }
+
   int64_t limit() {
     std::lock_guard<std::mutex> lock(mutex_);
     return limit_;
@@ -158,8 +170,7 @@ class OutputCache final : public c10::Allocator {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (options.device().type() != c10::DeviceType::CPU) return at::empty(sizes, options);
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
-  int64_t numel = 1;
-  for (const int64_t size : sizes) numel *= size;
+  const int64_t numel = c10::multiply_integers(sizes);
   OutputCache& cache = OutputCache::instance();
   if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < kOutputCacheMinBytes || cache.limit() == 0) {
     return at::empty(sizes, options);
@@ -169,12 +180,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 OutputCacheStats output_cache_stats() { return OutputCache::instance().stats(); }
 
-void output_cache_clear() {
-  OutputCache& cache = OutputCache::instance();
-  const int64_t limit = cache.limit();
-  cache.set_limit(0);
-  cache.set_limit(limit);
-}
+void output_cache_clear() { OutputCache::instance().clear(); }
 
 void output_cache_set_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "limit_bytes: expected >= 0, got ", bytes);

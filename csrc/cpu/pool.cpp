@@ -209,6 +209,16 @@ ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at
 // Backward
 // ----------------------------------------------------------------------------------------------
 
+// out = the gradient of l2n at one row: g = dL/dy (D,), y = l2n(v) (D,) the saved output, sumsq = |v|^2.
+// The inverse norm and the clamp flag are computed once for the row (math::l2n_grad_row).
+template <typename acc_t>
+void l2n_grad_into(const acc_t* g, const acc_t* y, acc_t sumsq, int64_t width, acc_t* out) {
+  const acc_t dot = math::row_dot(y, g, width);
+  const acc_t r = math::inverse_norm(sumsq);
+  const bool clamped = math::is_clamped(sumsq);
+  for (int64_t d = 0; d < width; ++d) out[d] = math::l2n_grad_row(g[d], y[d], dot, r, clamped);
+}
+
 // grad of the query (B, D) and of the keys (M, D), both before the dtype casts, through
 // x_embed_norm, prompt_norm, similarity, selected_key and reduce_sim.
 template <typename acc_t>
@@ -237,12 +247,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
           const acc_t* key = kn + idx[b * top_k + k] * width;
           for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
         }
-        const acc_t dot = math::row_dot(xn + b * width, g.data(), width);
-        const acc_t r = math::inverse_norm(qs[b]);
-        const bool clamped = math::is_clamped(qs[b]);
-        for (int64_t d = 0; d < width; ++d) {
-          grad_q[b * width + d] = math::l2n_grad_row(g[d], xn[b * width + d], dot, r, clamped);
-        }
+        l2n_grad_into(g.data(), xn + b * width, qs[b], width, grad_q + b * width);
       }
     });
   }
@@ -262,12 +267,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
           for (int64_t d = 0; d < width; ++d) g[d] += sel[d] + coef * xn[b * width + d];
         }
       }
-      const acc_t dot = math::row_dot(kn + m * width, g.data(), width);
-      const acc_t r = math::inverse_norm(ks[m]);
-      const bool clamped = math::is_clamped(ks[m]);
-      for (int64_t d = 0; d < width; ++d) {
-        grad_k[m * width + d] = math::l2n_grad_row(g[d], kn[m * width + d], dot, r, clamped);
-      }
+      l2n_grad_into(g.data(), kn + m * width, ks[m], width, grad_k + m * width);
     }
   });
 }

@@ -1,10 +1,12 @@
 // Autograd of l2p_fast::pool_forward in C++, one kernel for CPU and CUDA tensors (the Autograd
 // dispatch key), so that no Python runs on the training path. The backward calls
 // l2p_fast::pool_backward through the dispatcher (its fake makes it traceable by torch.compile).
-// With cls_features as the query, grad x_embed is a view of the token slice of grad prompted.
+// With cls_features as the query, grad x_embed is the token slice of grad prompted: a view, or for a
+// leaf x_embed (whose grad autograd would clone into fresh memory) a contiguous copy from the output cache.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -53,8 +55,7 @@ BackwardResult call_pool_backward(const variable_list& g, const variable_list& s
 // Only for plain eager tensors: under tracing (fake / functional tensors, Python modes) it allocates.
 at::Tensor unused_grad(at::IntArrayRef sizes, const at::TensorOptions& options, const at::Tensor& like) {
   constexpr int64_t kMaxShared = int64_t{1} << 20;  // elements; larger ones are allocated as usual
-  int64_t numel = 1;
-  for (const int64_t size : sizes) numel *= size;
+  const int64_t numel = c10::multiply_integers(sizes);
   const auto keys = like.key_set();
   const bool plain = like.device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
                      !keys.has(c10::DispatchKey::Functionalize) && !c10::impl::TorchDispatchModeTLS::any_modes_set();
