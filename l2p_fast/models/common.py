@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from ..pool import OUTPUT_ORDER
 
 HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
+# which rows the last block/layer computes: every row, or only those the head reads
+FINAL_TOKENS = ("all", "head")
 # the pool outputs a prompted model passes on (the port's dict, without the materialised sequence)
 POOL_KEYS = tuple(key for key in OUTPUT_ORDER if key != "prompted_embedding")
 
@@ -22,6 +24,12 @@ def check_head_type(head_type: str) -> None:
     """Raise ``ValueError`` unless ``head_type`` is one of ``HEAD_TYPES``."""
     if head_type not in HEAD_TYPES:
         raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
+
+
+def check_final_tokens(final_tokens: str) -> None:
+    """Raise ``ValueError`` unless ``final_tokens`` is one of ``FINAL_TOKENS``."""
+    if final_tokens not in FINAL_TOKENS:
+        raise ValueError(f"final_tokens: expected one of {FINAL_TOKENS}, got {final_tokens!r}")
 
 
 def pool_tokens(x: Tensor, head_type: str, prompt_len: int, mask: Tensor | None = None) -> Tensor:

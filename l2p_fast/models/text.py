@@ -27,6 +27,7 @@ from .assembly import assemble
 from .bert_packed import bert_last_hidden
 from .common import (
     POOL_KEYS,
+    check_final_tokens,
     check_head_type,
     eval_mode,
     freeze_all_but,
@@ -37,7 +38,6 @@ from .common import (
 )
 
 TRAINABLE = ("prompt.", "head.")
-FINAL_TOKENS = ("all", "head")
 
 
 
@@ -111,8 +111,7 @@ class L2PTextEncoder(nn.Module):
     ) -> None:
         super().__init__()
         check_head_type(head_type)
-        if final_tokens not in FINAL_TOKENS:
-            raise ValueError(f"final_tokens: expected one of {FINAL_TOKENS}, got {final_tokens!r}")
+        check_final_tokens(final_tokens)
         if not isinstance(packed, bool):
             raise ValueError(f"packed: expected a bool, got {packed!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

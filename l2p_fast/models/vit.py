@@ -20,6 +20,7 @@ from ..pool import FusedPromptPool
 from .assembly import assemble
 from .common import (
     POOL_KEYS,
+    check_final_tokens,
     check_head_type,
     eval_mode,
     freeze_all_but,
@@ -40,7 +41,6 @@ from .vit_rows import (
 )
 
 TRAINABLE = ("prompt.", "head.")
-FINAL_TOKENS = ("all", "head")
 
 
 def expand_pos_embed(pos_embed: Tensor, prompt_len: int) -> Tensor:
@@ -97,8 +97,7 @@ class L2PViT(nn.Module):
         super().__init__()
         _check_vit(vit)
         check_head_type(head_type)
-        if final_tokens not in FINAL_TOKENS:
-            raise ValueError(f"final_tokens: expected one of {FINAL_TOKENS}, got {final_tokens!r}")
+        check_final_tokens(final_tokens)
         width = vit.cls_token.shape[-1]
         prompt = FusedPromptPool(
             length=length,
@@ -255,28 +254,25 @@ class L2PViT(nn.Module):
         return not any(p is not None and p.requires_grad for p in params)
 
     @torch.no_grad()
-    def _query_sharing_first_block(self, patches: Tensor) -> tuple[Tensor, Tensor]:
-        """The query (B, D) and the first block's qkv (B, 1 + N, 3A) of the prompt-free rows [CLS, patches]."""
-        with eval_mode(self):
-            x = self._backbone_input(patches)
-            qkv = first_qkv(self.blocks[0], x)
-            x = block_from_qkv(self.blocks[0], x, qkv)
-            return self._final_rows(x, 0, 1, self.blocks[1:])[:, 0], qkv
-
-    @torch.no_grad()
     def query(self, x: Tensor) -> Tensor:
         """The query ``cls_features`` (B, D): final-LayerNorm CLS of the frozen prompt-free pass, no grad, eval mode.
 
         Equals ``forward_backbone(x)[:, 0]`` up to float rounding: the last block computes only the CLS row.
         """
         self._check_image(x)
-        return self._query_from_patches(self.patch_embed(x))
+        return self._query_from_patches(self.patch_embed(x))[0]
 
     @torch.no_grad()
-    def _query_from_patches(self, patches: Tensor) -> Tensor:
-        """The query (B, D) from patch embeddings (B, N, D)."""
+    def _query_from_patches(self, patches: Tensor, keep_first_qkv: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The query (B, D) from patch embeddings (B, N, D), and with ``keep_first_qkv`` the first block's qkv
+        (B, 1 + N, 3A) of the prompt-free rows [CLS, patches] (else None)."""
         with eval_mode(self):
-            return self._final_rows(self._backbone_input(patches), 0, 1)[:, 0]
+            x = self._backbone_input(patches)
+            if not keep_first_qkv:
+                return self._final_rows(x, 0, 1)[:, 0], None
+            qkv = first_qkv(self.blocks[0], x)
+            x = block_from_qkv(self.blocks[0], x, qkv)
+            return self._final_rows(x, 0, 1, self.blocks[1:])[:, 0], qkv
 
     def forward(
         self, x: Tensor, task_id: int = -1, cls_features: Tensor | None = None, train: bool = False
@@ -292,10 +288,7 @@ class L2PViT(nn.Module):
         patches = self.patch_embed(x)  # (B, N, D)
         shared_qkv = None  # the first block's qkv of [CLS, patches], from the query pass
         if cls_features is None:  # the frozen patch embedding is shared by the query and the prompted pass
-            if self._can_share_first_block(patches):
-                cls_features, shared_qkv = self._query_sharing_first_block(patches.detach())
-            else:
-                cls_features = self._query_from_patches(patches.detach())
+            cls_features, shared_qkv = self._query_from_patches(patches.detach(), self._can_share_first_block(patches))
         prompt_mask = None
         if self.use_prompt_mask and train:
             prompt_mask = task_prompt_mask(task_id, self.prompt.top_k, self.prompt.pool_size, x.shape[0], x.device)
