@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -222,3 +224,28 @@ def peak_memory_bytes(step: Callable[[], object]) -> int | None:
         return None
     start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
     return max(m["Total Allocated"] for m in memory) - start
+
+
+def run_interleaved(benchmark, steps: dict[str, Callable[[], object]], rounds: int,
+                    warmup: int) -> tuple[dict[str, list[float]], dict[str, object]]:  # fmt: skip
+    """Time every step once per round, rotating the order, so the machine's state hits all steps alike
+    (pytest-benchmark times whole rounds). Each step's output stays alive until that step runs again.
+    Returns the seconds of every step after the ``warmup`` rounds, and each step's last output."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    outs: dict[str, object] = {}
+    order = list(steps)
+
+    def one_round() -> None:
+        for name in order:
+            start = time.perf_counter()
+            outs[name] = steps[name]()
+            times[name].append(time.perf_counter() - start)
+        order.append(order.pop(0))
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup)
+    return {name: values[warmup:] for name, values in times.items()}, outs
+
+
+def median_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base / other (the speed-up of ``other`` over ``base``, round by round)."""
+    return statistics.median(b / o for b, o in zip(base, other, strict=True))

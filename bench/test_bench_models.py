@@ -20,7 +20,6 @@ import gzip
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,8 @@ import l2p_fast
 from l2p_fast import FusedPromptPool
 from l2p_fast.models import L2PTextEncoder, L2PViT, assemble, assemble_reference, assembly
 from l2p_fast.models.text import mean_pool
+
+from .common import median_ratio, run_interleaved
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed")
 
@@ -175,34 +176,17 @@ def train_step(forward, params: list[nn.Parameter], labels: torch.Tensor):
 
 
 def interleaved(benchmark, steps: dict, smoke: bool, rounds: int, model: str, batch: int) -> dict:
-    """Time every step once per round, rotating the order (the machine's load hits all variants alike).
-
-    pytest-benchmark times whole rounds; each variant's median and the median of the per-round
-    ratios upstream / variant go to ``extra_info`` and the table.
-    """
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    outs: dict[str, dict] = {}
-    order = list(steps)
-
-    def one_round() -> None:
-        for name in order:
-            start = time.perf_counter()
-            outs[name] = steps[name]()
-            times[name].append(time.perf_counter() - start)
-        order.append(order.pop(0))
-
-    benchmark.pedantic(one_round, rounds=1 if smoke else rounds, warmup_rounds=0 if smoke else 2)
+    """Time the steps interleaved (``common.run_interleaved``); each variant's median and the median of the
+    per-round ratios upstream / variant go to ``extra_info`` and the table. Returns each step's last output."""
+    series, outs = run_interleaved(benchmark, steps, rounds=1 if smoke else rounds, warmup=0 if smoke else 2)
     if benchmark.stats is None:
         return outs
-    warm = 0 if smoke else 2
-    series = {name: values[warm:] for name, values in times.items()}
     for name, values in series.items():
         ms = statistics.median(values) * 1e3
-        ratio = statistics.median(u / v for u, v in zip(series["upstream"], values, strict=True))
         benchmark.extra_info[f"{name}_ms"] = ms
         benchmark.extra_info[f"{name}_examples_per_s"] = batch / ms * 1e3
         ROWS.append({"model": model, "variant": name, "batch": batch, "ms": ms, "eps": batch / ms * 1e3,
-                     "ratio": ratio})  # fmt: skip
+                     "ratio": median_ratio(series["upstream"], values)})  # fmt: skip
     return outs
 
 

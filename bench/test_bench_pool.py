@@ -7,9 +7,6 @@ Full run: `pytest bench/ --benchmark-only`; smoke run (seconds, CI): `pytest ben
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -85,22 +82,10 @@ def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> 
     for name in names:
         pool, forward = common.make_pool(shape, name, dev)
         steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    held: dict[str, object] = {}
-    order = list(names)
-
-    def one_round() -> None:
-        for name in order:
-            start = time.perf_counter()
-            held[name] = steps[name]()
-            times[name].append(time.perf_counter() - start)
-        order.append(order.pop(0))
-
-    warmup = 0 if smoke else 3
-    benchmark.pedantic(one_round, rounds=1 if smoke else _rounds(shape), warmup_rounds=warmup)
+    times, _ = common.run_interleaved(benchmark, steps, rounds=1 if smoke else _rounds(shape), warmup=0 if smoke else 3)
     if benchmark.stats is None:
         return
     for name in names[1:]:
-        ratios = [e / v for e, v in zip(times["eager"][warmup:], times[name][warmup:], strict=True)]
-        RESULTS.append({"shape": shape.name, "provider": name, "mode": f"interleaved_{mode}",
-                        "ratio": statistics.median(ratios), "rounds": len(ratios)})  # fmt: skip
+        ratio = common.median_ratio(times["eager"], times[name])
+        RESULTS.append({"shape": shape.name, "provider": name, "mode": f"interleaved_{mode}", "ratio": ratio,
+                        "rounds": len(times[name])})  # fmt: skip

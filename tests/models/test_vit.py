@@ -8,21 +8,12 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from vit_factory import small_vit  # noqa: E402
 
 from l2p_fast import reference as ref  # noqa: E402
 from l2p_fast.models import L2PViT  # noqa: E402
 
-SMALL = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 10}
 LP, M, K = 3, 6, 2
-
-
-def small_vit(seed: int = 0, **kwargs) -> VisionTransformer:
-    torch.manual_seed(seed)
-    vit = VisionTransformer(**{**SMALL, **kwargs})
-    with torch.no_grad():  # non-trivial CLS and positions (timm starts CLS near zero)
-        vit.cls_token.normal_()
-        vit.pos_embed.normal_()
-    return vit.eval()
 
 
 def make(seed: int = 0, vit: VisionTransformer | None = None, **kwargs) -> L2PViT:

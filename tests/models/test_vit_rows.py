@@ -9,26 +9,17 @@ from torch import nn
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
 from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer  # noqa: E402
+from vit_factory import small_vit  # noqa: E402
 
 from l2p_fast.models import L2PViT  # noqa: E402
 from l2p_fast.models.common import head_rows  # noqa: E402
 from l2p_fast.models.vit_rows import block_rows, blocks_rows, supports_rows  # noqa: E402
 
-SMALL = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 10}
 LP, M, K = 3, 6, 2
 P = K * LP  # prompt rows
 N = 1 + P + 64  # prompted sequence length
 RANGES = {"token": (0, 1), "prompt": (1, 1 + P), "token+prompt": (0, 1 + P), "gap": (0, N), "inner": (5, 17)}
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
-
-
-def small_vit(seed: int = 0, **kwargs) -> VisionTransformer:
-    torch.manual_seed(seed)
-    vit = VisionTransformer(**{**SMALL, **kwargs})
-    with torch.no_grad():  # non-trivial CLS and positions (timm starts CLS near zero)
-        vit.cls_token.normal_()
-        vit.pos_embed.normal_()
-    return vit.eval()
 
 
 def images(batch: int = 3, seed: int = 1) -> torch.Tensor:

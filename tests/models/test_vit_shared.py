@@ -8,7 +8,8 @@ from torch import nn
 
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
-from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
+from vit_factory import small_vit  # noqa: E402
 
 import l2p_fast.models.vit as vit_module  # noqa: E402
 from l2p_fast.models import L2PViT  # noqa: E402
@@ -52,15 +53,6 @@ def test_block_from_frozen_rows_equals_block(fused: bool, qk_norm: bool) -> None
     torch.testing.assert_close(new.grad, full_in.grad[:, 1 : 1 + P], rtol=1e-5, atol=1e-5)
 
 
-def small_vit(depth: int = 2, seed: int = 2) -> VisionTransformer:
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=depth, num_heads=4, num_classes=10)
-    with torch.no_grad():
-        vit.cls_token.normal_()
-        vit.pos_embed.normal_()
-    return vit.eval()
-
-
 def spy(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = vit_module.block_with_frozen_rows
@@ -84,7 +76,7 @@ def train_step(model: L2PViT, x: torch.Tensor) -> tuple[dict, dict]:
 @pytest.mark.parametrize("head_type", ["prompt", "token", "token+prompt", "gap"])
 def test_sharing_equals_recomputing(monkeypatch, head_type: str, final_tokens: str) -> None:
     kwargs = {"length": LP, "pool_size": M, "top_k": K, "head_type": head_type, "final_tokens": final_tokens}
-    shared = L2PViT.from_timm(small_vit(), **kwargs).train()
+    shared = L2PViT.from_timm(small_vit(seed=2), **kwargs).train()
     with torch.no_grad():
         shared.pos_embed[:, 1 : 1 + P].add_(0.1 * torch.randn(P, 64))
     plain = copy.deepcopy(shared)
@@ -107,15 +99,15 @@ def test_no_sharing_where_it_would_be_wrong(monkeypatch) -> None:
     calls = spy(monkeypatch)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     kwargs = {"length": LP, "pool_size": M, "top_k": K}
-    depth1 = L2PViT.from_timm(small_vit(depth=1), **kwargs)
+    depth1 = L2PViT.from_timm(small_vit(seed=2, depth=1), **kwargs)
     depth1(x)  # the first block is the last: nothing to share
-    unfrozen = L2PViT.from_timm(small_vit(), **kwargs).requires_grad_(True)
+    unfrozen = L2PViT.from_timm(small_vit(seed=2), **kwargs).requires_grad_(True)
     out = unfrozen(x)  # the patch embedding and the first block want gradients
     out["logits"].sum().backward()
     assert unfrozen.patch_embed.proj.weight.grad is not None and unfrozen.blocks[0].attn.qkv.weight.grad is not None
-    given = L2PViT.from_timm(small_vit(), **kwargs)
+    given = L2PViT.from_timm(small_vit(seed=2), **kwargs)
     given(x, cls_features=torch.randn(2, 64))  # no query pass here
-    gated = L2PViT.from_timm(small_vit(), **kwargs)
+    gated = L2PViT.from_timm(small_vit(seed=2), **kwargs)
     gated.blocks[0].attn.gate = nn.Linear(64, 64)
     assert not supports_shared_rows(gated.blocks[0])
     gated(x)
