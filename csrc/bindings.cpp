@@ -20,9 +20,11 @@ TORCH_LIBRARY(l2p_fast, m) {
       "int mode, int top_k, bool batchwise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
   // Gradients (x_embed, cls_features, prompt, keys) of pool_forward; (0,)-shaped where not needed.
+  // A missing gradient of x_embed_norm, prompt_norm, similarity or selected_key means zero (an output
+  // the loss does not use): its terms are skipped instead of summing a tensor of zeros.
   m.def(
-      "pool_backward(Tensor grad_prompted, Tensor grad_x_embed_norm, Tensor grad_prompt_norm, "
-      "Tensor grad_similarity, Tensor grad_selected_key, Tensor grad_reduce_sim, Tensor x_embed_norm, "
+      "pool_backward(Tensor grad_prompted, Tensor? grad_x_embed_norm, Tensor? grad_prompt_norm, "
+      "Tensor? grad_similarity, Tensor? grad_selected_key, Tensor grad_reduce_sim, Tensor x_embed_norm, "
       "Tensor prompt_norm, Tensor q_sumsq, Tensor k_sumsq, Tensor idx, Tensor argmax, int mode, int length, "
       "ScalarType x_dtype, ScalarType query_dtype, ScalarType prompt_dtype, ScalarType keys_dtype, bool need_x, "
       "bool need_query, bool need_prompt, bool need_keys) -> (Tensor, Tensor, Tensor, Tensor)");

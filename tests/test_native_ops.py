@@ -47,6 +47,30 @@ def test_opcheck_backward(mode: int) -> None:
     assert grad_cls.shape == ((3, 8) if mode == 3 else (0,))
 
 
+@pytest.mark.parametrize("mode", [0, 1, 3])
+def test_backward_missing_small_grads_are_zeros(mode: int) -> None:
+    """None for the gradients of x_embed_norm, prompt_norm, similarity and selected_key (outputs the loss does not
+    use; the C++ autograd passes None) gives the gradients of explicit zeros, and passes opcheck."""
+    args = _op_args(mode, False, True, requires_grad=False)
+    out = torch.ops.l2p_fast.pool_forward(*args)
+    prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq = out
+    gen = torch.Generator().manual_seed(mode)
+    grad_prompted, grad_reduce = torch.randn(prompted.shape, generator=gen), torch.randn((), generator=gen)
+    tail = (x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, mode, 2, torch.float32, torch.float32, torch.float32,
+            torch.float32, True, mode == 3, True, True)
+    zeros = [torch.zeros_like(t) for t in (x_norm, prompt_norm, sim, selected)]
+    missing = (grad_prompted, None, None, None, None, grad_reduce, *tail)
+    torch.library.opcheck(torch.ops.l2p_fast.pool_backward.default, missing)
+    with_none = torch.ops.l2p_fast.pool_backward(*missing)
+    with_zeros = torch.ops.l2p_fast.pool_backward(grad_prompted, *zeros, grad_reduce, *tail)
+    grad_x, grad_cls, grad_prompt, grad_keys = with_none
+    torch.testing.assert_close(grad_prompt, with_zeros[2], rtol=0, atol=0)  # does not read the small grads
+    # the skipped "+ 0" terms may let the compiler fuse a multiply-add differently: equal up to rounding
+    for got, expected in ((grad_x, with_zeros[0]), (grad_cls, with_zeros[1]), (grad_keys, with_zeros[3])):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert grad_keys.abs().sum() > 0  # the pull term reaches the keys
+
+
 @pytest.mark.parametrize(("mode", "masked", "batchwise"),
                          [(0, False, False), (1, False, True), (2, True, False), (3, False, True)])
 def test_gradcheck_fp64(mode: int, masked: bool, batchwise: bool) -> None:

@@ -119,15 +119,17 @@ inline ForwardOutputs allocate_forward(const ForwardArgs& a) {
 }
 
 struct BackwardArgs {
+  // grad_x_norm, grad_prompt_norm, grad_similarity, grad_selected_key: undefined when zero
   at::Tensor grad_prompted, grad_x_norm, grad_prompt_norm, grad_similarity, grad_selected_key, grad_reduce_sim;
   at::Tensor x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax;
   int64_t batch, tokens, width, pool, length, top_k, mode;
   at::ScalarType acc_type;
 };
 
-inline BackwardArgs prepare_backward(const at::Tensor& grad_prompted, const at::Tensor& grad_x_norm,
-                                     const at::Tensor& grad_prompt_norm, const at::Tensor& grad_similarity,
-                                     const at::Tensor& grad_selected_key, const at::Tensor& grad_reduce_sim,
+inline BackwardArgs prepare_backward(const at::Tensor& grad_prompted, const std::optional<at::Tensor>& grad_x_norm,
+                                     const std::optional<at::Tensor>& grad_prompt_norm,
+                                     const std::optional<at::Tensor>& grad_similarity,
+                                     const std::optional<at::Tensor>& grad_selected_key, const at::Tensor& grad_reduce_sim,
                                      const at::Tensor& x_norm, const at::Tensor& prompt_norm,
                                      const at::Tensor& q_sumsq, const at::Tensor& k_sumsq, const at::Tensor& idx,
                                      const at::Tensor& argmax, int64_t mode, int64_t length) {
@@ -148,21 +150,24 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_prompted, const at::
               a.top_k * length, ", D = ", a.width, ", got ", grad_prompted.sizes());
   TORCH_CHECK(prompt_norm.size(1) == a.width && idx.size(0) == a.batch && idx.scalar_type() == at::kLong,
               "pool_backward: prompt_norm (M, D) / idx (B, K) int64 do not match x_embed_norm (B, D)");
-  TORCH_CHECK(grad_x_norm.sizes() == x_norm.sizes() && grad_prompt_norm.sizes() == prompt_norm.sizes() &&
-                  grad_similarity.sizes() == at::IntArrayRef({a.batch, a.pool}) &&
-                  grad_selected_key.sizes() == at::IntArrayRef({a.batch, a.top_k, a.width}) &&
-                  grad_reduce_sim.numel() == 1,
+  const auto shape_ok = [](const std::optional<at::Tensor>& g, at::IntArrayRef sizes) {
+    return !g.has_value() || g->sizes() == sizes;
+  };
+  TORCH_CHECK(shape_ok(grad_x_norm, x_norm.sizes()) && shape_ok(grad_prompt_norm, prompt_norm.sizes()) &&
+                  shape_ok(grad_similarity, {a.batch, a.pool}) &&
+                  shape_ok(grad_selected_key, {a.batch, a.top_k, a.width}) && grad_reduce_sim.numel() == 1,
               "pool_backward: gradient shapes do not match the forward outputs");
   TORCH_CHECK(q_sumsq.numel() == a.batch && k_sumsq.numel() == a.pool, "pool_backward: bad saved squared norms");
   const bool with_argmax = mode == 1 || mode == 2;
   TORCH_CHECK(!with_argmax || (argmax.scalar_type() == at::kInt && argmax.sizes() == x_norm.sizes()),
               "pool_backward: argmax must be (B, D) int32 for modes 1 and 2");
   const auto acc = [&](const at::Tensor& t) { return t.to(a.acc_type).contiguous(); };
+  const auto acc_or_none = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? acc(*t) : at::Tensor(); };
   a.grad_prompted = grad_prompted.contiguous();
-  a.grad_x_norm = acc(grad_x_norm);
-  a.grad_prompt_norm = acc(grad_prompt_norm);
-  a.grad_similarity = acc(grad_similarity);
-  a.grad_selected_key = acc(grad_selected_key);
+  a.grad_x_norm = acc_or_none(grad_x_norm);  // undefined: zero
+  a.grad_prompt_norm = acc_or_none(grad_prompt_norm);
+  a.grad_similarity = acc_or_none(grad_similarity);
+  a.grad_selected_key = acc_or_none(grad_selected_key);
   a.grad_reduce_sim = acc(grad_reduce_sim).reshape({});
   a.x_norm = x_norm.contiguous();
   a.prompt_norm = prompt_norm.contiguous();
@@ -171,6 +176,15 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_prompted, const at::
   a.idx = idx.contiguous();
   a.argmax = argmax.contiguous();
   return a;
+}
+
+// Zeros in place of the missing (zero) small gradients, for kernels that read all of them.
+inline void zero_missing_grads(BackwardArgs& a) {
+  const auto acc = a.x_norm.options();
+  if (!a.grad_x_norm.defined()) a.grad_x_norm = at::zeros({a.batch, a.width}, acc);
+  if (!a.grad_prompt_norm.defined()) a.grad_prompt_norm = at::zeros({a.pool, a.width}, acc);
+  if (!a.grad_similarity.defined()) a.grad_similarity = at::zeros({a.batch, a.pool}, acc);
+  if (!a.grad_selected_key.defined()) a.grad_selected_key = at::zeros({a.batch, a.top_k, a.width}, acc);
 }
 
 // Calls f(double{}) or f(float{}): the accumulation type of the similarity stage.

@@ -219,27 +219,34 @@ void l2n_grad_into(const acc_t* g, const acc_t* y, acc_t sumsq, int64_t width, a
   for (int64_t d = 0; d < width; ++d) out[d] = math::l2n_grad_row(g[d], y[d], dot, r, clamped);
 }
 
+template <typename acc_t>
+const acc_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
 // grad of the query (B, D) and of the keys (M, D), both before the dtype casts, through
-// x_embed_norm, prompt_norm, similarity, selected_key and reduce_sim.
+// x_embed_norm, prompt_norm, similarity, selected_key and reduce_sim (a missing gradient is zero and
+// its term is skipped: in the L2P step only reduce_sim reaches the keys, B*K*D multiply-adds).
 template <typename acc_t>
 void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
   const int64_t batch = a.batch, width = a.width, pool = a.pool, top_k = a.top_k;
   const acc_t* xn = a.x_norm.data_ptr<acc_t>();
   const acc_t* kn = a.prompt_norm.data_ptr<acc_t>();
-  const acc_t* g_xn = a.grad_x_norm.data_ptr<acc_t>();
-  const acc_t* g_kn = a.grad_prompt_norm.data_ptr<acc_t>();
-  const acc_t* g_sim = a.grad_similarity.data_ptr<acc_t>();
-  const acc_t* g_sel = a.grad_selected_key.data_ptr<acc_t>();
+  const acc_t* g_xn = data_or_null<acc_t>(a.grad_x_norm);
+  const acc_t* g_kn = data_or_null<acc_t>(a.grad_prompt_norm);
+  const acc_t* g_sim = data_or_null<acc_t>(a.grad_similarity);
+  const acc_t* g_sel = data_or_null<acc_t>(a.grad_selected_key);
   const acc_t* qs = a.q_sumsq.data_ptr<acc_t>();
   const acc_t* ks = a.k_sumsq.data_ptr<acc_t>();
   const int64_t* idx = a.idx.data_ptr<int64_t>();
   const acc_t coef = *a.grad_reduce_sim.data_ptr<acc_t>() / static_cast<acc_t>(batch);
   if (grad_q != nullptr) {  // null when neither x_embed nor cls_features needs a gradient
-    at::parallel_for(0, batch, grain_for((pool + top_k) * width), [&](int64_t begin, int64_t end) {
+    const int64_t work = ((g_sim != nullptr ? pool : 0) + top_k + 2) * width;
+    at::parallel_for(0, batch, grain_for(work), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> g(width);
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t d = 0; d < width; ++d) g[d] = g_xn[b * width + d];
-        for (int64_t m = 0; m < pool; ++m) {
+        for (int64_t d = 0; d < width; ++d) g[d] = g_xn != nullptr ? g_xn[b * width + d] : acc_t(0);
+        for (int64_t m = 0; g_sim != nullptr && m < pool; ++m) {
           const acc_t s = g_sim[b * pool + m];
           for (int64_t d = 0; d < width; ++d) g[d] += s * kn[m * width + d];
         }
@@ -252,19 +259,25 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
     });
   }
   if (grad_k == nullptr) return;
-  at::parallel_for(0, pool, grain_for(batch * (1 + top_k) * width), [&](int64_t begin, int64_t end) {
+  const int64_t work = (g_sim != nullptr ? batch : 0) * width + batch * top_k * (1 + 2 * width / pool) + 2 * width;
+  at::parallel_for(0, pool, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(width);
     for (int64_t m = begin; m < end; ++m) {
-      for (int64_t d = 0; d < width; ++d) g[d] = g_kn[m * width + d];
-      for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t d = 0; d < width; ++d) g[d] = g_kn != nullptr ? g_kn[m * width + d] : acc_t(0);
+      for (int64_t b = 0; g_sim != nullptr && b < batch; ++b) {
         const acc_t s = g_sim[b * pool + m];
         for (int64_t d = 0; d < width; ++d) g[d] += s * xn[b * width + d];
       }
       for (int64_t b = 0; b < batch; ++b) {
         for (int64_t k = 0; k < top_k; ++k) {
           if (idx[b * top_k + k] != m) continue;
-          const acc_t* sel = g_sel + (b * top_k + k) * width;
-          for (int64_t d = 0; d < width; ++d) g[d] += sel[d] + coef * xn[b * width + d];
+          const acc_t* x_row = xn + b * width;
+          if (g_sel != nullptr) {
+            const acc_t* sel = g_sel + (b * top_k + k) * width;
+            for (int64_t d = 0; d < width; ++d) g[d] += sel[d] + coef * x_row[d];
+          } else {
+            for (int64_t d = 0; d < width; ++d) g[d] += coef * x_row[d];
+          }
         }
       }
       l2n_grad_into(g.data(), kn + m * width, ks[m], width, grad_k + m * width);
@@ -309,7 +322,10 @@ void token_grads(const BackwardArgs& a, const acc_t* grad_q, x_t* grad_x) {
 }
 
 // grad prompt[m, l] = Σ over the (row b, slot j) with idx[b, j] == m, in increasing (b, j) order,
-// of grad_prompted[b, j*Lp + l]: deterministic, parallel over (prompt, token) rows.
+// of grad_prompted[b, j*Lp + l]: deterministic, independent of the thread count. The threads share
+// the rows of the chosen prompts only (with the batch vote: K of the M prompts), so that the work is
+// balanced whichever prompts were chosen; each row sums whole D-wide rows into an L1-resident
+// accumulator. Rows of prompts nobody chose are zero.
 template <typename grad_t, typename prompt_t>
 void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
   using sum_t = std::conditional_t<std::is_same_v<grad_t, double> || std::is_same_v<prompt_t, double>, double, float>;
@@ -321,29 +337,40 @@ void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
     TORCH_CHECK(idx[i] >= 0 && idx[i] < pool, "pool_backward: ids must be in [0, ", pool, "), got ", idx[i]);
     ++start[idx[i] + 1];
   }
+  std::vector<int64_t> chosen;  // prompt ids with at least one (row, slot), increasing
+  for (int64_t m = 0; m < pool; ++m) {
+    if (start[m + 1] > 0) {
+      chosen.push_back(m);
+    } else {
+      std::fill_n(grad_prompt + m * length * width, length * width, cast_to<prompt_t>(sum_t(0)));
+    }
+  }
   for (int64_t m = 0; m < pool; ++m) start[m + 1] += start[m];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < pairs; ++i) order[fill[idx[i]]++] = i;  // increasing i = (b, j) order
   const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
-  at::parallel_for(0, pool * length, grain_for(a.batch * width), [&](int64_t begin, int64_t end) {
+  const int64_t rows = static_cast<int64_t>(chosen.size()) * length;
+  const int64_t reads_per_row = pairs * width / std::max<int64_t>(1, static_cast<int64_t>(chosen.size()));
+  at::parallel_for(0, rows, grain_for(reads_per_row), [&](int64_t begin, int64_t end) {
     std::vector<sum_t> acc(width);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t m = row / length, l = row % length;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t m = chosen[r / length], l = r % length;
       std::fill(acc.begin(), acc.end(), sum_t(0));
       for (int64_t p = start[m]; p < start[m + 1]; ++p) {
         const int64_t b = order[p] / top_k, j = order[p] % top_k;
         const grad_t* src = g + (b * seq + j * length + l) * width;
         for (int64_t d = 0; d < width; ++d) acc[d] += cast_to<sum_t>(src[d]);
       }
-      prompt_t* dst = grad_prompt + row * width;
+      prompt_t* dst = grad_prompt + (m * length + l) * width;
       for (int64_t d = 0; d < width; ++d) dst[d] = cast_to<prompt_t>(acc[d]);
     }
   });
 }
 
-BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const at::Tensor& grad_x_norm,
-                                 const at::Tensor& grad_prompt_norm, const at::Tensor& grad_similarity,
-                                 const at::Tensor& grad_selected_key, const at::Tensor& grad_reduce_sim,
+BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const std::optional<at::Tensor>& grad_x_norm,
+                                 const std::optional<at::Tensor>& grad_prompt_norm,
+                                 const std::optional<at::Tensor>& grad_similarity,
+                                 const std::optional<at::Tensor>& grad_selected_key, const at::Tensor& grad_reduce_sim,
                                  const at::Tensor& x_norm, const at::Tensor& prompt_norm, const at::Tensor& q_sumsq,
                                  const at::Tensor& k_sumsq, const at::Tensor& idx, const at::Tensor& argmax,
                                  int64_t mode, int64_t length, at::ScalarType x_dtype, at::ScalarType query_dtype,
@@ -360,10 +387,11 @@ BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const at::Tens
   const bool query_used = (need_x && mode != kModeCls) || (need_query && mode == kModeCls);
   at::Tensor grad_q;
   if (query_used || need_keys) {
-    grad_q = at::empty({a.batch, a.width}, opts.dtype(a.acc_type));
+    if (query_used) grad_q = at::empty({a.batch, a.width}, opts.dtype(a.acc_type));
     at::Tensor grad_k = need_keys ? at::empty({a.pool, a.width}, opts.dtype(a.acc_type)) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(a.acc_type, "pool_backward_cpu_small", [&] {
-      query_and_key_grads<scalar_t>(a, grad_q.data_ptr<scalar_t>(), need_keys ? grad_k.data_ptr<scalar_t>() : nullptr);
+      query_and_key_grads<scalar_t>(a, query_used ? grad_q.data_ptr<scalar_t>() : nullptr,
+                                    need_keys ? grad_k.data_ptr<scalar_t>() : nullptr);
     });
     if (need_keys) grad_keys = grad_k.to(keys_dtype);
     if (need_query && mode == kModeCls) grad_query = grad_q.to(query_dtype);

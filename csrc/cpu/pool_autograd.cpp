@@ -34,25 +34,31 @@ ForwardResult call_pool_forward(const at::Tensor& x, const std::optional<at::Ten
   return op.call(x, cls, prompt, keys, mask, mode, top_k, batchwise);
 }
 
+// g: the gradients of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); an
+// undefined one among x_norm ... selected_key goes to the op as None (zero, its terms skipped).
 BackwardResult call_pool_backward(const variable_list& g, const variable_list& saved, int64_t mode, int64_t length,
                                   at::ScalarType x_dtype, at::ScalarType query_dtype, at::ScalarType prompt_dtype,
                                   at::ScalarType keys_dtype, bool need_x, bool need_query, bool need_prompt,
                                   bool need_keys) {
+  using OptTensor = std::optional<at::Tensor>;
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("l2p_fast::pool_backward", "")
-          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          .typed<BackwardResult(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 int64_t, at::ScalarType, at::ScalarType, at::ScalarType, at::ScalarType, bool, bool,
                                 bool, bool)>();
-  return op.call(g[0], g[1], g[2], g[3], g[4], g[5], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], mode,
-                 length, x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query, need_prompt, need_keys);
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  return op.call(g[0], opt(g[1]), opt(g[2]), opt(g[3]), opt(g[4]), g[5], saved[0], saved[1], saved[2], saved[3],
+                 saved[4], saved[5], mode, length, x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query,
+                 need_prompt, need_keys);
 }
 
-// Zeros standing in for the gradients of unused outputs: small CPU ones are views of one zero buffer
-// per dtype (pool_backward only reads them), so a backward allocates and clears nothing for them.
-// Only for plain eager tensors: under tracing (fake / functional tensors, Python modes) it allocates.
+// Zeros standing in for the gradient of an unused prompted_embedding: small CPU ones are views of one
+// zero buffer per dtype (pool_backward only reads them), so a backward allocates and clears nothing
+// for them. Only for plain eager tensors: under tracing (fake / functional tensors, Python modes) it
+// allocates.
 at::Tensor unused_grad(at::IntArrayRef sizes, const at::TensorOptions& options, const at::Tensor& like) {
   constexpr int64_t kMaxShared = int64_t{1} << 20;  // elements; larger ones are allocated as usual
   const int64_t numel = c10::multiply_integers(sizes);
@@ -100,12 +106,11 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x_norm = saved[0];
-    const at::Tensor& prompt_norm = saved[1];
     const at::Tensor& idx = saved[4];
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const int64_t length = ctx->saved_data["length"].toInt();
     const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
-    const int64_t batch = x_norm.size(0), width = x_norm.size(1), pool = prompt_norm.size(0), top_k = idx.size(1);
+    const int64_t top_k = idx.size(1);
     const auto acc = x_norm.options();
     // grads of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); zeros where unused
     variable_list g = {grads[0], grads[1], grads[2], grads[3], grads[5], grads[6]};
@@ -113,11 +118,7 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
       const auto sizes = ctx->saved_data["prompted_sizes"].toIntVector();
       g[0] = unused_grad(sizes, acc.dtype(dtype("prompted_dtype")), x_norm);
     }
-    if (!g[1].defined()) g[1] = unused_grad({batch, width}, acc, x_norm);
-    if (!g[2].defined()) g[2] = unused_grad({pool, width}, acc, x_norm);
-    if (!g[3].defined()) g[3] = unused_grad({batch, pool}, acc, x_norm);
-    if (!g[4].defined()) g[4] = unused_grad({batch, top_k, width}, acc, x_norm);
-    if (!g[5].defined()) g[5] = at::zeros({}, acc);
+    if (!g[5].defined()) g[5] = at::zeros({}, acc);  // g[1..4] stay undefined: zero, skipped by the op
     // needs_input_grad counts tensor inputs only: x, [cls_features], prompt, keys, [prompt_mask]
     const bool has_cls = ctx->saved_data["has_cls"].toBool();
     const size_t prompt_edge = has_cls ? 2 : 1;
@@ -128,7 +129,7 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
         call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
                            dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
     if (x_as_view) {
-      for (size_t i = 1; i < g.size(); ++i) g[i].reset();  // the zero fillers go before the big copy
+      for (size_t i = 1; i < g.size(); ++i) g[i].reset();  // the small grads go before the big copy
       const at::Tensor tokens = g[0].slice(1, top_k * length);
       if (ctx->saved_data["x_leaf"].toBool()) {
         grad_x = empty_output(tokens.sizes(), tokens.options().dtype(dtype("x_dtype")));

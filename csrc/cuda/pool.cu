@@ -294,18 +294,19 @@ __global__ void prompt_grad_kernel(const grad_t* __restrict__ g, const int64_t* 
   grad_prompt[i] = cast_to<prompt_t>(acc);
 }
 
-BackwardResult pool_backward_cuda(const at::Tensor& grad_prompted, const at::Tensor& grad_x_norm,
-                                  const at::Tensor& grad_prompt_norm, const at::Tensor& grad_similarity,
-                                  const at::Tensor& grad_selected_key, const at::Tensor& grad_reduce_sim,
+BackwardResult pool_backward_cuda(const at::Tensor& grad_prompted, const std::optional<at::Tensor>& grad_x_norm,
+                                  const std::optional<at::Tensor>& grad_prompt_norm,
+                                  const std::optional<at::Tensor>& grad_similarity,
+                                  const std::optional<at::Tensor>& grad_selected_key, const at::Tensor& grad_reduce_sim,
                                   const at::Tensor& x_norm, const at::Tensor& prompt_norm, const at::Tensor& q_sumsq,
                                   const at::Tensor& k_sumsq, const at::Tensor& idx, const at::Tensor& argmax,
                                   int64_t mode, int64_t length, at::ScalarType x_dtype, at::ScalarType query_dtype,
                                   at::ScalarType prompt_dtype, at::ScalarType keys_dtype, bool need_x,
                                   bool need_query, bool need_prompt, bool need_keys) {
   const c10::cuda::CUDAGuard guard(grad_prompted.device());
-  const BackwardArgs a = prepare_backward(grad_prompted, grad_x_norm, grad_prompt_norm, grad_similarity,
-                                          grad_selected_key, grad_reduce_sim, x_norm, prompt_norm, q_sumsq, k_sumsq,
-                                          idx, argmax, mode, length);
+  BackwardArgs a = prepare_backward(grad_prompted, grad_x_norm, grad_prompt_norm, grad_similarity, grad_selected_key,
+                                    grad_reduce_sim, x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, mode, length);
+  zero_missing_grads(a);  // the CUDA kernels read every gradient
   const auto opts = grad_prompted.options();
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_x = at::empty({0}, opts.dtype(x_dtype));
