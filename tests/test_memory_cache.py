@@ -150,3 +150,31 @@ def test_bad_limits_raise() -> None:
     env["L2P_FAST_CPU_CACHE_MB"] = "0"
     code = "import l2p_fast; assert l2p_fast.cpu_cache_stats()['limit_bytes'] == 0"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_large_blocks_are_mapped_aligned_reused_and_unmapped() -> None:
+    """Outputs of 2 MiB and more get directly mapped, 2 MiB-aligned blocks (huge-page candidates); they are
+    reused with exact values, and dropping them (clear, limit) unmaps them without disturbing live outputs."""
+    torch.manual_seed(0)
+    pools = {backend: FusedPromptPool(length=LP, embed_dim=768, embedding_key="cls", prompt_pool=True, prompt_key=True,
+                                      pool_size=M, top_k=K, batchwise_prompt=True, backend=backend)
+             for backend in ("cpu", "reference")}  # fmt: skip
+    pools["reference"].load_state_dict(pools["cpu"].state_dict())
+    gen = torch.Generator().manual_seed(7)
+    x, cls = torch.randn(16, 50, 768, generator=gen), torch.randn(16, 768, generator=gen)  # output ≈ 2.75 MB
+    expected = pools["reference"](x, cls_features=cls)["prompted_embedding"]
+    live = pools["cpu"](x, cls_features=cls)["prompted_embedding"]
+    first = pools["cpu"](x, cls_features=cls)["prompted_embedding"]
+    assert live.data_ptr() % (2 << 20) == 0 and first.data_ptr() % (2 << 20) == 0
+    ptr = first.data_ptr()
+    del first
+    again = pools["cpu"](x, cls_features=cls)["prompted_embedding"]
+    assert again.data_ptr() == ptr and torch.equal(again, expected)
+    del again
+    l2p_fast.empty_cpu_cache()  # unmaps the free block
+    assert l2p_fast.cpu_cache_stats()["cached_bytes"] == 0
+    l2p_fast.set_cpu_cache_limit(1)  # 1 MB: a released large block is unmapped at once
+    del live
+    assert l2p_fast.cpu_cache_stats()["cached_bytes"] == 0
+    fresh = pools["cpu"](x * 2, cls_features=cls)["prompted_embedding"]
+    assert torch.equal(fresh, pools["reference"](x * 2, cls_features=cls)["prompted_embedding"])

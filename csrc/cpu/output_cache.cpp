@@ -1,7 +1,7 @@
 // The reuse cache of large CPU outputs (see common/output_cache.h). A c10::Allocator whose blocks
 // go back to a list of free blocks when their storage dies; an allocation takes the most recently
-// released block of its rounded size (warm in cache). Blocks of 2 MiB and more are 2 MiB-aligned and
-// advised to use transparent huge pages. Unused bytes stay below a limit (L2P_FAST_CPU_CACHE_MB,
+// released block of its rounded size (warm in cache). Blocks of 2 MiB and more are mapped directly,
+// 2 MiB-aligned and advised to use transparent huge pages. Unused bytes stay below a limit (L2P_FAST_CPU_CACHE_MB,
 // default 1024 MB; 0 turns it off); older blocks are freed first. Allocations and releases are reported to PyTorch's
 // CPU memory profiler like the default allocator's, so profiled peaks stay comparable.
 #include "common/output_cache.h"
@@ -11,6 +11,7 @@
 #include <c10/util/accumulate.h>
 #include <sys/mman.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <iterator>
@@ -28,19 +29,38 @@ constexpr size_t kHugePage = 2 * 1024 * 1024;  // blocks of at least this size a
 size_t rounded_size(size_t nbytes) { return (nbytes + kGranule - 1) / kGranule * kGranule; }
 
 // Fresh memory for a block: huge pages (where the kernel grants them) mean a few TLB entries for a
-// streamed output instead of thousands, and one fault per 2 MiB on first touch.
+// streamed output instead of thousands, and one fault per 2 MiB on first touch. Blocks of 2 MiB and
+// more are mapped directly (never from malloc's heap, whose pages may already be populated with 4 KiB
+// pages that the huge-page advice does not convert), 2 MiB-aligned, and unmapped when dropped.
 void* fresh_block(size_t size) {
-  void* ptr = nullptr;
-  const size_t alignment = size >= kHugePage ? kHugePage : 64;
-  TORCH_CHECK(posix_memalign(&ptr, alignment, size) == 0 && ptr != nullptr,
-              "l2p_fast output cache: out of memory allocating ", size, " bytes");
+  if (size < kHugePage) {
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, 64, size) == 0 && ptr != nullptr,
+                "l2p_fast output cache: out of memory allocating ", size, " bytes");
+    return ptr;
+  }
+  const size_t span = size + kHugePage;  // room to align the start to 2 MiB
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "l2p_fast output cache: out of memory mapping ", span, " bytes");
+  const auto start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > start) munmap(raw, aligned - start);  // the unaligned head
+  const uintptr_t end = aligned + size, raw_end = start + span;
+  if (raw_end > end) munmap(reinterpret_cast<void*>(end), raw_end - end);  // the tail past the block
 #ifdef MADV_HUGEPAGE
-  if (size >= kHugePage) madvise(ptr, size, MADV_HUGEPAGE);  // advice only: failure changes nothing
+  madvise(reinterpret_cast<void*>(aligned), size, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
-  return ptr;
+  return reinterpret_cast<void*>(aligned);
 }
 
-void free_block(void* ptr) { std::free(ptr); }
+// `size` is the block's rounded size, as passed to fresh_block.
+void free_block(void* ptr, size_t size) {
+  if (size < kHugePage) {
+    std::free(ptr);
+  } else {
+    munmap(ptr, size);
+  }
+}
 
 int64_t limit_from_env() {
   const char* value = std::getenv("L2P_FAST_CPU_CACHE_MB");
@@ -100,7 +120,7 @@ class OutputCache final : public c10::Allocator {
       limit_ = bytes;
       trim_locked(0, dropped);
     }
-    for (auto& block : dropped) free_block(block.second);
+    for (auto& block : dropped) free_block(block.second, block.first);
   }
 
   // Free every unused block (the limit stays).
@@ -111,7 +131,7 @@ class OutputCache final : public c10::Allocator {
       dropped.swap(free_);
       cached_ = 0;
     }
-    for (auto& block : dropped) free_block(block.second);
+    for (auto& block : dropped) free_block(block.second, block.first);
   }
 
   int64_t limit() {
@@ -131,11 +151,12 @@ class OutputCache final : public c10::Allocator {
     c10::profiledCPUMemoryReporter().Delete(ptr);
     std::deque<std::pair<size_t, void*>> dropped;
     bool keep = false;
+    size_t size = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
       TORCH_INTERNAL_ASSERT(it != live_.end(), "l2p_fast output cache: release of an unknown block");
-      const size_t size = it->second;
+      size = it->second;
       live_.erase(it);
       in_use_ -= static_cast<int64_t>(size);
       if (static_cast<int64_t>(size) <= limit_) {
@@ -145,8 +166,8 @@ class OutputCache final : public c10::Allocator {
         keep = true;
       }
     }
-    if (!keep) free_block(ptr);
-    for (auto& block : dropped) free_block(block.second);
+    if (!keep) free_block(ptr, size);
+    for (auto& block : dropped) free_block(block.second, block.first);
   }
 
   // Move the oldest free blocks to `dropped` until `incoming` more bytes fit under the limit.
