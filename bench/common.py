@@ -246,6 +246,30 @@ def run_interleaved(benchmark, steps: dict[str, Callable[[], object]], rounds: i
     return {name: values[warmup:] for name, values in times.items()}, outs
 
 
+def run_paired_blocks(benchmark, steps: dict[str, Callable[[], object]], blocks: int,
+                      block_rounds: int) -> list[dict[str, float]]:  # fmt: skip
+    """Every step runs ``block_rounds`` times in a row (a block warms its own caches, as a benchmark of its own
+    does), the steps take turns block by block (the order reversed each time), and each block's best round is
+    kept. Returns, per turn, every step's best seconds: neighbouring blocks share the machine's state, so their
+    ratio is not moved by the machine drifting between benchmarks run at different times."""
+    order = list(steps)
+    turns: list[dict[str, float]] = []
+    outs: dict[str, object] = {}
+
+    def one_turn() -> None:
+        best: dict[str, float] = {}
+        for name in order:
+            for _ in range(block_rounds):
+                start = time.perf_counter()
+                outs[name] = steps[name]()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+        order.reverse()
+        turns.append(best)
+
+    benchmark.pedantic(one_turn, rounds=blocks, warmup_rounds=1)
+    return turns[1:]
+
+
 def median_ratio(base: list[float], other: list[float]) -> float:
     """Median over rounds of base / other (the speed-up of ``other`` over ``base``, round by round)."""
     return statistics.median(b / o for b, o in zip(base, other, strict=True))

@@ -74,6 +74,10 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
         """eager / provider of one statistic: 'min_ms' (best round) or 'ms' (median round)."""
         return f"{eager[stat] / row[stat]:.2f}" if eager and row else ""
 
+    def paired(shape: str, provider: str, mode: str) -> str:
+        row = by_key.get((shape, provider, f"paired_{mode}"))
+        return f"{row['ratio']:.2f}" if row else ""
+
     def interleaved(shape: str, provider: str, mode: str) -> str:
         row = by_key.get((shape, provider, f"interleaved_{mode}"))
         return f"{row['ratio']:.2f}" if row else ""
@@ -82,10 +86,10 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
     floors = {"floor": "floor (alloc + write once)", "floor-reused": "floor (write once, reused buffer)"}
     timed = [r for r in rows if r["provider"] not in floors and r["mode"] != "scatter"]
     providers = list(dict.fromkeys(r["provider"] for r in timed))
-    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd × eager, median", "fwd × eager, interleaved",
-              "fwd / floor", "fwd / reused floor", "fwd GB/s", "MB moved (fwd)"]
+    header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd × eager, median", "fwd × eager, paired",
+              "fwd × eager, interleaved", "fwd / floor", "fwd / reused floor", "fwd GB/s", "MB moved (fwd)"]
     for _, label in BACKWARD_MODES:
-        header += [f"{label} ms", "× eager", "× eager, median", "× eager, interleaved", "peak MB"]
+        header += [f"{label} ms", "× eager", "× eager, median", "× eager, paired", "× eager, interleaved", "peak MB"]
     lines = [
         f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s",
         "",
@@ -103,7 +107,7 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
         for name, label in floors.items():
             row = by_key.get((shape, name, "forward"))
             if row:
-                cells = [shape, label, f"{row['min_ms']:.3f}", "", "", "", *ratios(row["min_ms"]),
+                cells = [shape, label, f"{row['min_ms']:.3f}", "", "", "", "", *ratios(row["min_ms"]),
                          f"{row['bytes'] / row['min_ms'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.1f}"]
                 lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
         for provider in providers:
@@ -111,16 +115,17 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
             cells = [shape, provider]
             if f:
                 cells += [f"{f['min_ms']:.3f}", speedup(eager_f, f, "min_ms"), speedup(eager_f, f, "ms"),
-                          interleaved(shape, provider, "forward"), *ratios(f["min_ms"]),
+                          paired(shape, provider, "forward"), interleaved(shape, provider, "forward"),
+                          *ratios(f["min_ms"]),
                           f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
             else:
-                cells += [""] * 8
+                cells += [""] * 9
             for mode, _ in BACKWARD_MODES:
                 b = by_key.get((shape, provider, mode))
                 eager_b = by_key.get((shape, "eager", mode))
                 mem = by_key.get((shape, provider, f"peak_{mode}"))
                 cells += [f"{b['min_ms']:.3f}" if b else "", speedup(eager_b, b, "min_ms"), speedup(eager_b, b, "ms"),
-                          interleaved(shape, provider, mode),
+                          paired(shape, provider, mode), interleaved(shape, provider, mode),
                           f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

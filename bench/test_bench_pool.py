@@ -7,6 +7,8 @@ Full run: `pytest bench/ --benchmark-only`; smoke run (seconds, CI): `pytest ben
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -92,6 +94,29 @@ def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> 
         ratio = common.median_ratio(times["eager"], times[name])
         RESULTS.append({"shape": shape.name, "provider": name, "mode": f"interleaved_{mode}", "ratio": ratio,
                         "rounds": len(times[name])})  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
+    """eager and each fused provider take turns in blocks of rounds (common.run_paired_blocks): the median over
+    turns of eager's best round / the provider's best round in the neighbouring block is the table's 'paired'
+    speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio."""
+    dev = common.device()
+    benchmark.group = f"{shape.name} {mode} paired blocks"
+    names = ["eager"] + common.native_backends(dev.type)
+    steps = {}
+    for name in names:
+        pool, forward = common.make_pool(shape, name, dev)
+        steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
+    rounds = _rounds(shape)
+    turns = common.run_paired_blocks(benchmark, steps, blocks=2 if smoke else 16, block_rounds=1 if smoke else
+                                     max(4, rounds // 10))  # fmt: skip
+    if benchmark.stats is None:
+        return
+    for name in names[1:]:
+        ratio = statistics.median(turn["eager"] / turn[name] for turn in turns)
+        RESULTS.append({"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": ratio,
+                        "turns": len(turns)})  # fmt: skip
 
 
 def test_reference_scatter_spread(benchmark, shape: common.Shape, smoke: bool) -> None:
