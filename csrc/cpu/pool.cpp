@@ -272,12 +272,8 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
         for (int64_t k = 0; k < top_k; ++k) {
           if (idx[b * top_k + k] != m) continue;
           const acc_t* x_row = xn + b * width;
-          if (g_sel != nullptr) {
-            const acc_t* sel = g_sel + (b * top_k + k) * width;
-            for (int64_t d = 0; d < width; ++d) g[d] += sel[d] + coef * x_row[d];
-          } else {
-            for (int64_t d = 0; d < width; ++d) g[d] += coef * x_row[d];
-          }
+          const acc_t* sel = g_sel != nullptr ? g_sel + (b * top_k + k) * width : nullptr;
+          for (int64_t d = 0; d < width; ++d) g[d] += (sel != nullptr ? sel[d] : acc_t(0)) + coef * x_row[d];
         }
       }
       l2n_grad_into(g.data(), kn + m * width, ks[m], width, grad_k + m * width);
