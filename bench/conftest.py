@@ -74,13 +74,10 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
         """eager / provider of one statistic: 'min_ms' (best round) or 'ms' (median round)."""
         return f"{eager[stat] / row[stat]:.2f}" if eager and row else ""
 
-    def paired(shape: str, provider: str, mode: str) -> str:
-        row = by_key.get((shape, provider, f"paired_{mode}"))
-        return f"{row['ratio']:.2f}" if row else ""
-
-    def interleaved(shape: str, provider: str, mode: str) -> str:
-        row = by_key.get((shape, provider, f"interleaved_{mode}"))
-        return f"{row['ratio']:.2f}" if row else ""
+    def recorded_ratios(shape: str, provider: str, mode: str) -> list[str]:
+        """The eager / provider ratios recorded by the 'paired' and the 'interleaved' benchmarks."""
+        rows = (by_key.get((shape, provider, f"{kind}_{mode}")) for kind in ("paired", "interleaved"))
+        return [f"{row['ratio']:.2f}" if row else "" for row in rows]
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     floors = {"floor": "floor (alloc + write once)", "floor-reused": "floor (write once, reused buffer)"}
@@ -115,7 +112,7 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
             cells = [shape, provider]
             if f:
                 cells += [f"{f['min_ms']:.3f}", speedup(eager_f, f, "min_ms"), speedup(eager_f, f, "ms"),
-                          paired(shape, provider, "forward"), interleaved(shape, provider, "forward"),
+                          *recorded_ratios(shape, provider, "forward"),
                           *ratios(f["min_ms"]),
                           f"{f['bytes'] / f['min_ms'] / 1e6:.1f}", f"{f['bytes'] / 1e6:.1f}"]
             else:
@@ -125,7 +122,7 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
                 eager_b = by_key.get((shape, "eager", mode))
                 mem = by_key.get((shape, provider, f"peak_{mode}"))
                 cells += [f"{b['min_ms']:.3f}" if b else "", speedup(eager_b, b, "min_ms"), speedup(eager_b, b, "ms"),
-                          paired(shape, provider, mode), interleaved(shape, provider, mode),
+                          *recorded_ratios(shape, provider, mode),
                           f"{mem['bytes'] / 1e6:.1f}" if mem and mem["bytes"] is not None else ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -75,18 +75,25 @@ def test_floor(benchmark, shape: common.Shape, smoke: bool, floor: str) -> None:
     _record(benchmark, shape, floor, "forward", common.forward_bytes(shape, fused=True))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
-    """eager and each fused provider alternate within every round, so both see the same machine state; the
-    median of the per-round ratios eager / provider is the table's 'interleaved' speed-up. As in the other
-    benchmarks, each step's output stays alive until that step runs again."""
+def _eager_and_native_steps(shape: common.Shape, mode: str) -> tuple[list[str], dict]:
+    """The provider names (eager first, then every fused backend on the device) and each one's step in ``mode``,
+    on its own inputs."""
     dev = common.device()
-    benchmark.group = f"{shape.name} {mode} interleaved"
     names = ["eager"] + common.native_backends(dev.type)
     steps = {}
     for name in names:
         pool, forward = common.make_pool(shape, name, dev)
         steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
+    return names, steps
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
+    """eager and each fused provider alternate within every round, so both see the same machine state; the
+    median of the per-round ratios eager / provider is the table's 'interleaved' speed-up. As in the other
+    benchmarks, each step's output stays alive until that step runs again."""
+    benchmark.group = f"{shape.name} {mode} interleaved"
+    names, steps = _eager_and_native_steps(shape, mode)
     times, _ = common.run_interleaved(benchmark, steps, rounds=1 if smoke else _rounds(shape), warmup=0 if smoke else 3)
     if benchmark.stats is None:
         return
@@ -101,13 +108,8 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
     """eager and each fused provider take turns in blocks of rounds (common.run_paired_blocks): the median over
     turns of eager's best round / the provider's best round in the neighbouring block is the table's 'paired'
     speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio."""
-    dev = common.device()
     benchmark.group = f"{shape.name} {mode} paired blocks"
-    names = ["eager"] + common.native_backends(dev.type)
-    steps = {}
-    for name in names:
-        pool, forward = common.make_pool(shape, name, dev)
-        steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
+    names, steps = _eager_and_native_steps(shape, mode)
     rounds = _rounds(shape)
     turns = common.run_paired_blocks(benchmark, steps, blocks=2 if smoke else 16, block_rounds=1 if smoke else
                                      max(4, rounds // 10))  # fmt: skip
