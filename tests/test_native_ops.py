@@ -71,6 +71,18 @@ def test_backward_missing_small_grads_are_zeros(mode: int) -> None:
     assert grad_keys.abs().sum() > 0  # the pull term reaches the keys
 
 
+def test_backward_rejects_a_misshapen_optional_grad() -> None:
+    args = _op_args(3, False, True, requires_grad=False)
+    out = torch.ops.l2p_fast.pool_forward(*args)
+    prompted, x_norm, prompt_norm, sim, idx, argmax, q_sumsq, k_sumsq = *out[:4], out[4], *out[7:]
+    tail = (x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, 3, 2, torch.float32, torch.float32, torch.float32,
+            torch.float32, False, True, True, True)
+    bad_similarity = torch.zeros(sim.shape[0], sim.shape[1] + 1)  # (B, M + 1) instead of (B, M)
+    with pytest.raises(RuntimeError, match="gradient shapes do not match the forward outputs"):
+        torch.ops.l2p_fast.pool_backward(torch.zeros_like(prompted), None, None, bad_similarity, None,
+                                         torch.ones(()), *tail)
+
+
 @pytest.mark.parametrize(("mode", "masked", "batchwise"),
                          [(0, False, False), (1, False, True), (2, True, False), (3, False, True)])
 def test_gradcheck_fp64(mode: int, masked: bool, batchwise: bool) -> None:
