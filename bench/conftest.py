@@ -81,7 +81,7 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     floors = {"floor": "floor (alloc + write once)", "floor-reused": "floor (write once, reused buffer)"}
-    timed = [r for r in rows if r["provider"] not in floors and r["mode"] != "scatter"]
+    timed = [r for r in rows if r["provider"] not in floors and r["mode"] != "scatter"]  # the step floor included
     providers = list(dict.fromkeys(r["provider"] for r in timed))
     header = ["shape", "provider", "fwd ms", "fwd × eager", "fwd × eager, median", "fwd × eager, paired",
               "fwd × eager, interleaved", "fwd / floor", "fwd / reused floor", "fwd GB/s", "MB moved (fwd)"]
@@ -108,6 +108,8 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
                          f"{row['bytes'] / row['min_ms'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.1f}"]
                 lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
         for provider in providers:
+            if not any(by_key.get((shape, provider, mode)) for mode in ("forward", *dict(BACKWARD_MODES))):
+                continue
             f = by_key.get((shape, provider, "forward"))
             cells = [shape, provider]
             if f:
@@ -128,6 +130,23 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
     return "\n".join(lines)
 
 
+def _step_floor_lines(rows: list[dict]) -> str:
+    """One line per shape: the L2P step against its floor in the paired blocks (median over turns), the turns in
+    which even the floor is less than 4x faster than eager, and each fused provider's distance to the floor."""
+    lines = []
+    for row in rows:
+        if row["provider"] != common.STEP_FLOOR or row["mode"] != "paired_forward_backward":
+            continue
+        below = sum(ratio < 4 for ratio in row["turn_ratios"])
+        others = [r for r in rows if r["shape"] == row["shape"] and r["mode"] == row["mode"] and "over_floor" in r]
+        over = ", ".join(f"{r['provider']} / floor {r['over_floor']:.2f}" for r in others)
+        lines.append(f"- {row['shape']}: eager / floor {row['ratio']:.2f} (below 4 in {below} of "
+                     f"{len(row['turn_ratios'])} turns); {over}")
+    if not lines:
+        return ""
+    return "\n\nL2P step (x frozen) against its floor, paired blocks (median over turns):\n" + "\n".join(lines)
+
+
 def _scatter_lines(rows: list[dict]) -> str:
     """One line per shape: best and median round of the eager backward's index_put scatter alone."""
     lines = [f"- {r['shape']}: min {r['min_ms']:.3f} ms, median {r['ms']:.3f} ms "
@@ -144,7 +163,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     copy_gbs = common.copy_bandwidth(dev)
     table = _table(RESULTS, copy_gbs)
     terminalreporter.write_sep("=", "l2p_fast prompt-pool benchmark")
-    table += _scatter_lines(RESULTS)
+    table += _step_floor_lines(RESULTS) + _scatter_lines(RESULTS)
     terminalreporter.write_line(table)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -18,6 +18,7 @@ from .conftest import RESULTS
 # forward: no grad. forward_backward: the L2P training step, x_embed from the frozen patch embedding
 # (gradients to prompt and prompt_key). forward_backward_x: x_embed needs a gradient too.
 MODES = ("forward", "forward_backward", "forward_backward_x")
+STEP_FLOOR = common.STEP_FLOOR
 
 
 def _rounds(shape: common.Shape) -> int:
@@ -75,15 +76,34 @@ def test_floor(benchmark, shape: common.Shape, smoke: bool, floor: str) -> None:
     _record(benchmark, shape, floor, "forward", common.forward_bytes(shape, fused=True))
 
 
-def _eager_and_native_steps(shape: common.Shape, mode: str) -> tuple[list[str], dict]:
-    """The provider names (eager first, then every fused backend on the device) and each one's step in ``mode``,
-    on its own inputs."""
+def test_step_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
+    """The floor of the L2P step (forward + backward, x_embed frozen; common.step_floor_fn) in its own benchmark,
+    next to the providers' forward_backward rows."""
+    dev = common.device()
+    benchmark.group = f"{shape.name} forward_backward"
+    inputs = common.make_inputs(shape, dev, requires_grad=False)
+    run = common.step_floor_fn(shape, inputs)
+    out = benchmark.pedantic(run, rounds=1 if smoke else _rounds(shape), warmup_rounds=0 if smoke else 2)
+    split = shape.top_k * shape.length
+    assert torch.equal(out["prompted_embedding"][:, split:], inputs["x_embed"])  # the tokens after the head
+    heads = inputs["grad"][:, :split].reshape(shape.batch, shape.top_k, shape.length, shape.width)
+    torch.testing.assert_close(out["prompt_grad"][: shape.top_k], heads.sum(0))
+    assert not out["prompt_grad"][shape.top_k :].any()
+    _record(benchmark, shape, STEP_FLOOR, "forward_backward", None)
+
+
+def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = False) -> tuple[list[str], dict]:
+    """The provider names (eager first, then every fused backend on the device, then the step floor when
+    ``with_floor`` and ``mode`` is the L2P step) and each one's step in ``mode``, on its own inputs."""
     dev = common.device()
     names = ["eager"] + common.native_backends(dev.type)
     steps = {}
     for name in names:
         pool, forward = common.make_pool(shape, name, dev)
         steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
+    if with_floor and mode == "forward_backward":
+        names.append(STEP_FLOOR)
+        steps[STEP_FLOOR] = common.step_floor_fn(shape, common.make_inputs(shape, dev, requires_grad=False))
     return names, steps
 
 
@@ -107,18 +127,23 @@ def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> 
 def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
     """eager and each fused provider take turns in blocks of rounds (common.run_paired_blocks): the median over
     turns of eager's best round / the provider's best round in the neighbouring block is the table's 'paired'
-    speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio."""
+    speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio.
+    In the L2P step the floor takes turns too: eager / floor is the largest speed-up the turn's machine state
+    allows, and each provider / floor how far the provider is above it."""
     benchmark.group = f"{shape.name} {mode} paired blocks"
-    names, steps = _eager_and_native_steps(shape, mode)
+    names, steps = _eager_and_native_steps(shape, mode, with_floor=True)
     rounds = _rounds(shape)
     turns = common.run_paired_blocks(benchmark, steps, blocks=2 if smoke else 16, block_rounds=1 if smoke else
                                      max(4, rounds // 10))  # fmt: skip
     if benchmark.stats is None:
         return
     for name in names[1:]:
-        ratio = statistics.median(turn["eager"] / turn[name] for turn in turns)
-        RESULTS.append({"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": ratio,
-                        "turns": len(turns)})  # fmt: skip
+        ratios = [turn["eager"] / turn[name] for turn in turns]
+        row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
+               "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
+        if STEP_FLOOR in steps and name != STEP_FLOOR:  # how far each turn's step is above the floor of the same turn
+            row["over_floor"] = statistics.median(turn[name] / turn[STEP_FLOOR] for turn in turns)
+        RESULTS.append(row)
 
 
 def test_reference_scatter_spread(benchmark, shape: common.Shape, smoke: bool) -> None:
