@@ -50,6 +50,9 @@ BackwardResult call_pool_backward(const variable_list& g, const variable_list& s
                                 int64_t, at::ScalarType, at::ScalarType, at::ScalarType, at::ScalarType, bool, bool,
                                 bool, bool)>();
   const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  // straight to the CPU / CUDA kernel, unboxed: pool_backward has no autograd of its own, and through the
+  // Autograd key it would take PyTorch's boxed not-implemented fallback (the 22 arguments boxed and unboxed)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(g[0], opt(g[1]), opt(g[2]), opt(g[3]), opt(g[4]), g[5], saved[0], saved[1], saved[2], saved[3],
                  saved[4], saved[5], mode, length, x_dtype, query_dtype, prompt_dtype, keys_dtype, need_x, need_query,
                  need_prompt, need_keys);
