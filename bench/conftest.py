@@ -131,8 +131,8 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
 
 
 def _step_floor_lines(rows: list[dict]) -> str:
-    """One line per shape: the L2P step against its floor in the paired blocks (median over turns), the turns in
-    which even the floor is less than 4x faster than eager, and each fused provider's distance to the floor."""
+    """One line per shape: the L2P step against its floor (common.step_floor_fn) in the paired blocks (median over
+    turns), the turns in which the floor is less than 4x faster than eager, and each fused provider / floor."""
     lines = []
     for row in rows:
         if row["provider"] != common.STEP_FLOOR or row["mode"] != "paired_forward_backward":

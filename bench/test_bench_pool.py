@@ -128,8 +128,9 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
     """eager and each fused provider take turns in blocks of rounds (common.run_paired_blocks): the median over
     turns of eager's best round / the provider's best round in the neighbouring block is the table's 'paired'
     speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio.
-    In the L2P step the floor takes turns too: eager / floor is the largest speed-up the turn's machine state
-    allows, and each provider / floor how far the provider is above it."""
+    In the L2P step the step floor (common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed
+    costs done by stock ops) takes turns too: eager / floor is the speed-up that work allows in the turn's
+    machine state, and each provider / floor how far the provider is from it."""
     benchmark.group = f"{shape.name} {mode} paired blocks"
     names, steps = _eager_and_native_steps(shape, mode, with_floor=True)
     rounds = _rounds(shape)
@@ -141,7 +142,7 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
         ratios = [turn["eager"] / turn[name] for turn in turns]
         row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
-        if STEP_FLOOR in steps and name != STEP_FLOOR:  # how far each turn's step is above the floor of the same turn
+        if STEP_FLOOR in steps and name != STEP_FLOOR:  # each turn's step against the floor of the same turn
             row["over_floor"] = statistics.median(turn[name] / turn[STEP_FLOOR] for turn in turns)
         RESULTS.append(row)
 
