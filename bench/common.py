@@ -147,18 +147,22 @@ def step_fn(pool: FusedPromptPool, forward: Callable, inputs: dict, mode: str) -
     return run_backward
 
 
+def _write_once(out: torch.Tensor, x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Write the (B, K·Lp+N, D) output once: the (K·Lp, D) head block before every sample's tokens x (B, N, D)."""
+    split = head.shape[0]
+    out[:, split:].copy_(x)
+    out[:, :split].copy_(head.expand(x.shape[0], -1, -1))
+    return out
+
+
 def floor_fn(shape: Shape, inputs: dict) -> Callable[[], torch.Tensor]:
     """The floor of the forward: allocate the (B, K·Lp+N, D) output and write it once (tokens copied from
     x_embed, the prompt head from a (K·Lp, D) block), nothing else."""
     x = inputs["x_embed"].detach()
     head = torch.randn(shape.top_k * shape.length, shape.width, device=x.device)
-    split = shape.top_k * shape.length
 
     def run():
-        out = torch.empty(shape.batch, shape.seq, shape.width, device=x.device)
-        out[:, split:].copy_(x)
-        out[:, :split].copy_(head.expand(shape.batch, -1, -1))
-        return out
+        return _write_once(torch.empty(shape.batch, shape.seq, shape.width, device=x.device), x, head)
     return run
 
 
@@ -187,13 +191,10 @@ def reused_floor_fn(shape: Shape, inputs: dict) -> Callable[[], torch.Tensor]:
     kernel pays when its output memory is reused, e.g. from the native CPU output cache)."""
     x = inputs["x_embed"].detach()
     head = torch.randn(shape.top_k * shape.length, shape.width, device=x.device)
-    split = shape.top_k * shape.length
     out = mapped_buffer((shape.batch, shape.seq, shape.width), x.device)
 
     def run():
-        out[:, split:].copy_(x)
-        out[:, :split].copy_(head.expand(shape.batch, -1, -1))
-        return out
+        return _write_once(out, x, head)
     return run
 
 
@@ -232,9 +233,7 @@ def step_floor_fn(shape: Shape, inputs: dict) -> Callable[[], dict[str, torch.Te
 
     def run() -> dict[str, torch.Tensor]:
         turn[0] ^= 1
-        out = buffers[turn[0]]
-        out[:, split:].copy_(x)
-        out[:, :split].copy_(head.expand(batch, -1, -1))
+        out = _write_once(buffers[turn[0]], x, head)
         torch.autograd.backward([leaves.prompt.view(1), leaves.key.view(())], seeds)
         torch.sum(head_grad, dim=0, out=prompt_grad[: shape.top_k])
         prompt_grad[shape.top_k :].zero_()
