@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "common/output_cache.h"
+#include "cpu/stream_copy.h"
 
 TORCH_LIBRARY(l2p_fast, m) {
   // Query of each sample from its tokens: x (B, N, D) -> (q (B, D) in max(x.dtype, fp32),
@@ -59,4 +60,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_output_cache_clear", &l2p_fast::output_cache_clear, "free the unused blocks of the CPU output cache");
   m.def("cpu_output_cache_set_limit", &l2p_fast::output_cache_set_limit, py::arg("limit_bytes"),
         "most bytes the CPU output cache keeps unused (0: off)");
+  m.def("cpu_stream_threshold", &l2p_fast::stream_threshold,
+        "bytes from which CPU outputs are written with streaming stores");
+  m.def("cpu_set_stream_threshold", &l2p_fast::set_stream_threshold, py::arg("bytes"),
+        "set the streaming-store threshold in bytes (-1: the default, half the last-level cache)");
 }

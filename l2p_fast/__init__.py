@@ -5,15 +5,23 @@
 
 from . import reference
 from .dispatch import available_backends
-from .memory import cpu_cache_stats, empty_cpu_cache, set_cpu_cache_limit
+from .memory import (
+    cpu_cache_stats,
+    cpu_stream_threshold,
+    empty_cpu_cache,
+    set_cpu_cache_limit,
+    set_cpu_stream_threshold,
+)
 from .pool import FusedPromptPool
 
 __all__ = [
     "FusedPromptPool",
     "available_backends",
     "cpu_cache_stats",
+    "cpu_stream_threshold",
     "empty_cpu_cache",
     "reference",
     "set_cpu_cache_limit",
+    "set_cpu_stream_threshold",
 ]
 __version__ = "0.1.0"

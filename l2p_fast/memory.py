@@ -6,6 +6,10 @@ outputs (≥ 256 KiB: the prompted sequence, the assembled sequence, token gradi
 cache of blocks released by earlier outputs. Unused blocks stay below a limit (default 1024 MB, or
 ``L2P_FAST_CPU_CACHE_MB``; 0 turns the cache off), oldest freed first. Live tensors are reported to
 PyTorch's memory profiler like any CPU allocation.
+
+Outputs larger than half the last-level cache are written with streaming (non-temporal) stores: they
+would be evicted before anyone reads them, and regular stores would first read every destination line
+into the cache. ``set_cpu_stream_threshold`` moves that size.
 """
 
 from __future__ import annotations
@@ -34,3 +38,19 @@ def set_cpu_cache_limit(megabytes: float) -> None:
     if isinstance(megabytes, bool) or not isinstance(megabytes, int | float) or megabytes < 0:
         raise ValueError(f"megabytes: expected a non-negative number, got {megabytes!r}")
     _extension().cpu_output_cache_set_limit(int(megabytes * 2**20))
+
+
+def cpu_stream_threshold() -> int:
+    """Bytes from which the native CPU kernels write an output with streaming stores."""
+    return int(_extension().cpu_stream_threshold())
+
+
+def set_cpu_stream_threshold(megabytes: float | None) -> None:
+    """Write outputs of at least ``megabytes`` with streaming stores (0: every output; ``None``: the default,
+    half the last-level cache the OS reports, or 16 MiB)."""
+    if megabytes is None:
+        _extension().cpu_set_stream_threshold(-1)
+        return
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int | float) or not 0 <= megabytes < 2**40:
+        raise ValueError(f"megabytes: expected a number in [0, 2**40) or None, got {megabytes!r}")
+    _extension().cpu_set_stream_threshold(int(megabytes * 2**20))

@@ -19,16 +19,19 @@
 
 #include "common/pool_host.h"
 #include "common/pool_math.h"
+#include "cpu/stream_copy.h"
 
 namespace l2p_fast {
 namespace {
 
 using math::cast_to;
 
+// dst[0:n] = src[0:n] cast to dst_t; same-type rows with streaming stores when `streaming` (outputs
+// larger than the cache, cpu/stream_copy.h).
 template <typename src_t, typename dst_t>
-inline void copy_row(const src_t* src, dst_t* dst, int64_t n) {
+inline void copy_row(const src_t* src, dst_t* dst, int64_t n, bool streaming = false) {
   if constexpr (std::is_same_v<src_t, dst_t>) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(src_t));
+    copy_bytes(dst, src, static_cast<size_t>(n) * sizeof(src_t), streaming);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = cast_to<dst_t>(src[i]);
   }
@@ -54,6 +57,7 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
   const x_t* x = a.x.data_ptr<x_t>();
   out_t* out = o.prompted.data_ptr<out_t>();
   int32_t* argmax = (mode == 1 || mode == 2) ? o.argmax.data_ptr<int32_t>() : nullptr;
+  const bool streaming = stream_output(o.prompted.nbytes());
   at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(width), best(width);
     std::vector<int32_t> arg(width);
@@ -65,7 +69,7 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
       std::fill(arg.begin(), arg.end(), 0);
       for (int64_t n = 0; n < tokens; ++n) {
         const x_t* token = src + n * width;
-        copy_row(token, dst + n * width, width);
+        copy_row(token, dst + n * width, width, streaming);
         if (mode == 0) {
           for (int64_t d = 0; d < width; ++d) sum[d] += cast_to<acc_t>(token[d]);
         } else {
@@ -82,6 +86,7 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
       for (int64_t d = 0; d < width; ++d) q[b * width + d] = math::finish_query(mode, sum[d], best[d], tokens);
       if (argmax != nullptr) std::memcpy(argmax + b * width, arg.data(), width * sizeof(int32_t));
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -150,11 +155,13 @@ void gather_prompts(const ForwardArgs& a, ForwardOutputs& o) {
   const out_t* prompt = a.prompt.data_ptr<out_t>();
   out_t* out = o.prompted.data_ptr<out_t>();
   const int64_t* idx = o.idx.data_ptr<int64_t>();
+  const bool streaming = stream_output(o.prompted.nbytes());
   at::parallel_for(0, a.batch * top_k, grain_for(block), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / top_k, j = i % top_k;
-      std::memcpy(out + b * seq * a.width + j * block, prompt + idx[i] * block, block * sizeof(out_t));
+      copy_row(prompt + idx[i] * block, out + b * seq * a.width + j * block, block, streaming);
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -168,14 +175,16 @@ void write_rows(const ForwardArgs& a, ForwardOutputs& o) {
   const out_t* prompt = a.prompt.data_ptr<out_t>();
   out_t* out = o.prompted.data_ptr<out_t>();
   const int64_t* idx = o.idx.data_ptr<int64_t>();
+  const bool streaming = stream_output(o.prompted.nbytes());
   at::parallel_for(0, a.batch, grain_for(seq * width), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       out_t* row = out + b * seq * width;
       for (int64_t j = 0; j < top_k; ++j) {
-        std::memcpy(row + j * block, prompt + idx[b * top_k + j] * block, block * sizeof(out_t));
+        copy_row(prompt + idx[b * top_k + j] * block, row + j * block, block, streaming);
       }
-      copy_row(x + b * tokens * width, row + top_k * block, tokens * width);
+      copy_row(x + b * tokens * width, row + top_k * block, tokens * width, streaming);
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -288,13 +297,14 @@ void token_grads(const BackwardArgs& a, const acc_t* grad_q, x_t* grad_x) {
   const int64_t offset = a.top_k * a.length, seq = offset + tokens;
   const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
   const int32_t* argmax = (mode == 1 || mode == 2) ? a.argmax.data_ptr<int32_t>() : nullptr;
+  const bool streaming = stream_output(a.batch * tokens * width * static_cast<int64_t>(sizeof(x_t)));
   at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mean_part(width);
     for (int64_t b = begin; b < end; ++b) {
       const grad_t* src = g + (b * seq + offset) * width;
       x_t* dst = grad_x + b * tokens * width;
       if (mode == kModeCls) {
-        copy_row(src, dst, tokens * width);
+        copy_row(src, dst, tokens * width, streaming);
         continue;
       }
       const acc_t* gq = grad_q + b * width;
