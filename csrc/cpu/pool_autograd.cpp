@@ -2,7 +2,8 @@
 // dispatch key), so that no Python runs on the training path. The backward calls
 // l2p_fast::pool_backward through the dispatcher (its fake makes it traceable by torch.compile).
 // With cls_features as the query, grad x_embed is the token slice of grad prompted: a view, or for a
-// leaf x_embed (whose grad autograd would clone into fresh memory) a contiguous copy from the output cache.
+// leaf x_embed (whose grad autograd would clone into fresh memory) a contiguous copy the op writes into a
+// block of the output cache.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -127,20 +128,14 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
     const size_t prompt_edge = has_cls ? 2 : 1;
     const bool need_x = ctx->needs_input_grad(0), need_cls = has_cls && ctx->needs_input_grad(1);
     const bool need_prompt = ctx->needs_input_grad(prompt_edge), need_keys = ctx->needs_input_grad(prompt_edge + 1);
-    const bool x_as_view = need_x && mode == kModeCls;  // the token slice of grad prompted, no copy
+    // with cls_features as the query, grad x_embed is the token slice of grad prompted: a view (no copy),
+    // except for a leaf x_embed, whose grad the op writes contiguous (into a reused block, with streaming
+    // stores when large)
+    const bool x_as_view = need_x && mode == kModeCls && !ctx->saved_data["x_leaf"].toBool();
     auto [grad_x, grad_cls, grad_prompt, grad_keys] =
         call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
                            dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
-    if (x_as_view) {
-      for (size_t i = 1; i < g.size(); ++i) g[i].reset();  // the small grads go before the big copy
-      const at::Tensor tokens = g[0].slice(1, top_k * length);
-      if (ctx->saved_data["x_leaf"].toBool()) {
-        grad_x = empty_output(tokens.sizes(), tokens.options().dtype(dtype("x_dtype")));
-        grad_x.copy_(tokens);
-      } else {
-        grad_x = tokens.to(dtype("x_dtype"));
-      }
-    }
+    if (x_as_view) grad_x = g[0].slice(1, top_k * length).to(dtype("x_dtype"));
     const at::Tensor none;
     return {need_x ? grad_x : none,           need_cls ? grad_cls : none,
             need_prompt ? grad_prompt : none, need_keys ? grad_keys : none,
