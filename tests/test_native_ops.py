@@ -158,3 +158,30 @@ def test_thread_count_does_not_change_results(embedding_key: str) -> None:
     finally:
         torch.set_num_threads(threads)
     _assert_bit_identical(single, double)
+
+
+@pytest.mark.parametrize("loss_kind", ["nonlinear", "pull_term_only"])
+def test_second_order_gradient_raises_a_clear_error(loss_kind: str) -> None:
+    """create_graph=True: the first-order gradients are the plain backward's; differentiating them again through
+    the native pool raises an error naming the reference backend (never a silently missing term)."""
+    case = PoolCase(batch=3, tokens=5, width=8, pool_size=4, top_k=2, embedding_key="cls", use_cls=True)
+    pool = clone_pool(make_pool(case, seed=3), "cpu")
+    inputs = make_inputs(case, seed=3)
+    x = inputs["x_embed"].requires_grad_(True)
+    params = [pool.prompt, pool.prompt_key, x]
+
+    def loss_of(out: dict) -> torch.Tensor:
+        if loss_kind == "pull_term_only":  # linear in the outputs: the incoming gradient is a constant
+            return -out["reduce_sim"]
+        return (out["prompted_embedding"] ** 2).sum() - out["reduce_sim"]
+
+    plain = torch.autograd.grad(loss_of(pool(x, cls_features=inputs["cls_features"])), params, allow_unused=True)
+    first = torch.autograd.grad(loss_of(pool(x, cls_features=inputs["cls_features"])), params, create_graph=True,
+                                allow_unused=True)  # fmt: skip
+    for got, expected in zip(first, plain, strict=True):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert torch.equal(got.detach(), expected)
+    penalty = sum((g**2).sum() for g in first if g is not None and g.requires_grad)
+    with pytest.raises(RuntimeError, match=r"differentiable once.*backend='reference'"):
+        torch.autograd.grad(penalty, [pool.prompt, pool.prompt_key])

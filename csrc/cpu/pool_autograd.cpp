@@ -9,6 +9,8 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -81,6 +83,29 @@ at::Tensor unused_grad(at::IntArrayRef sizes, const at::TensorOptions& options, 
   return buffer.narrow(0, 0, numel).view(sizes);
 }
 
+constexpr const char* kNoDoubleBackward =
+    "l2p_fast: the native prompt pool (backend='cpu' / 'cuda') is differentiable once: its backward has no "
+    "backward of its own, so a second-order gradient through it (create_graph=True, then differentiating the "
+    "gradients again) is not available. Use FusedPromptPool(backend='reference') for higher-order gradients.";
+
+// Under create_graph=True the backward's results get an Error node as their history (the C++ counterpart
+// of Python's @once_differentiable): first-order use of them works, differentiating them again raises
+// kNoDoubleBackward instead of silently missing this node's second-order terms. The Error node's edges
+// lead to the saved x_norm and prompt_norm (outputs of this node) and to the incoming gradients.
+variable_list once_differentiable(const variable_list& saved, const variable_list& grads, variable_list results) {
+  if (!at::GradMode::is_enabled()) return results;  // a plain backward: nothing to record
+  variable_list history = {saved[0], saved[1]};
+  for (const auto& grad : grads) {
+    if (grad.defined()) history.push_back(grad);
+  }
+  torch::autograd::tensor_list data;
+  data.reserve(results.size());
+  for (const auto& t : results) data.push_back(t.defined() ? t.detach() : at::Tensor());
+  return torch::autograd::wrap_outputs(history, std::move(data), [](torch::autograd::edge_list&& edges) {
+    return c10::make_intrusive<torch::autograd::Error>(kNoDoubleBackward, std::move(edges));
+  });
+}
+
 class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& cls,
@@ -137,10 +162,12 @@ class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction
                            dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
     if (x_as_view) grad_x = g[0].slice(1, top_k * length).to(dtype("x_dtype"));
     const at::Tensor none;
-    return {need_x ? grad_x : none,           need_cls ? grad_cls : none,
-            need_prompt ? grad_prompt : none, need_keys ? grad_keys : none,
-            none,                             none,
-            none,                             none};
+    variable_list results = once_differentiable(
+        saved, grads,
+        {need_x ? grad_x : none, need_cls ? grad_cls : none, need_prompt ? grad_prompt : none,
+         need_keys ? grad_keys : none});
+    results.resize(8);  // no gradient for the mask and the int arguments
+    return results;
   }
 };
 
