@@ -393,6 +393,21 @@ def _assemble_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     return _assemble_grads(ctx, grad, torch.ops.l2p_fast.assemble_prompt_grad)
 
 
+def _prompt_grad_setup(ctx, inputs, output) -> None:
+    grad, idx, _pool_size, _length = inputs
+    ctx.save_for_backward(idx)
+    ctx.grad_shape, ctx.grad_dtype = tuple(grad.shape), grad.dtype
+
+
+def _prompt_grad_backward(ctx, upstream: Tensor) -> tuple[Tensor | None, ...]:
+    """The prompt-gradient sum is linear in grad (B, S, D): its gradient puts upstream[idx[b, j], l] (M, Lp, D) at
+    row 1 + j·Lp + l of sample b and zeros elsewhere. Stock ops, so the assembly is differentiable to any order."""
+    (idx,) = ctx.saved_tensors
+    batch, seq, width = ctx.grad_shape
+    head = upstream[idx].reshape(batch, -1, width).to(ctx.grad_dtype)  # (B, K·Lp, D)
+    return torch.nn.functional.pad(head, (0, 0, 1, seq - 1 - head.shape[1])), None, None, None
+
+
 def assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
     """Native one-pass assembly ``[cls, prompt[idx], x] + pos`` → (B, 1 + K·Lp + N, D); differentiable."""
     return torch.ops.l2p_fast.assemble(x, prompt, idx, cls, pos)
@@ -402,6 +417,9 @@ if _native.is_built() and hasattr(torch.ops.l2p_fast, "assemble"):
     torch.library.register_fake("l2p_fast::assemble")(_assemble_fake)
     torch.library.register_fake("l2p_fast::assemble_prompt_grad")(_assemble_prompt_grad_fake)
     torch.library.register_autograd("l2p_fast::assemble", _assemble_backward, setup_context=_assemble_setup)
+    torch.library.register_autograd(
+        "l2p_fast::assemble_prompt_grad", _prompt_grad_backward, setup_context=_prompt_grad_setup
+    )
 
 
 def _assembly_launchers():
@@ -421,6 +439,7 @@ def assemble_prompt_grad_triton(grad: Tensor, idx: Tensor, pool_size: int, lengt
 
 
 assemble_prompt_grad_triton.register_fake(_assemble_prompt_grad_fake)
+assemble_prompt_grad_triton.register_autograd(_prompt_grad_backward, setup_context=_prompt_grad_setup)
 
 
 @torch.library.custom_op(

@@ -134,6 +134,35 @@ def test_gradcheck(backend: str) -> None:
     assert torch.autograd.gradcheck(lambda *a: run(backend, a), tuple(args))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradgradcheck(backend: str) -> None:
+    """Second-order gradients (the prompt-gradient op has its own autograd), against finite differences."""
+    require(backend)
+    args = [
+        t.requires_grad_(True) if t is not None and t.is_floating_point() else t
+        for t in inputs((2, 3, 4, 3, 2, 2), torch.float64, strided=False)
+    ]
+    assert torch.autograd.gradgradcheck(lambda *a: run(backend, a) ** 2, tuple(args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_gradient_matches_reference(backend: str) -> None:
+    require(backend)
+    got_args, ref_args = ([t.clone().requires_grad_(t.is_floating_point()) if t is not None else None
+                           for t in inputs(CASES[0], strided=False)] for _ in range(2))  # fmt: skip
+
+    def hessian_term(out, args):
+        x, prompt, _idx, cls, pos = args
+        grads = torch.autograd.grad((out**2).sum(), [x, prompt, cls, pos], create_graph=True)
+        penalty = sum((g**2).sum() for g in grads)
+        return torch.autograd.grad(penalty, [x, prompt, cls, pos])
+
+    got = hessian_term(run(backend, got_args), got_args)
+    expected = hessian_term(assemble_reference(*ref_args), ref_args)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
 def _op(backend: str):
     return torch.ops.l2p_fast.assemble.default if backend == "native" else torch.ops.l2p_fast.assemble_triton.default
 
