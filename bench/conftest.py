@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import l2p_fast
+from l2p_fast import _native
+
 from . import common
 
 RESULTS: list[dict] = []
@@ -173,6 +176,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         "torch": torch.__version__,
         "copy_bandwidth_gbs": copy_gbs,
     }
+    if dev.type == "cpu" and _native.is_built():  # outputs from this size on are written with streaming stores
+        meta["cpu_stream_threshold_mb"] = l2p_fast.cpu_stream_threshold() / 2**20
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"pool_{dev.type}.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=1))
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
