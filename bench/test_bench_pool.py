@@ -18,7 +18,6 @@ from .conftest import RESULTS
 # forward: no grad. forward_backward: the L2P training step, x_embed from the frozen patch embedding
 # (gradients to prompt and prompt_key). forward_backward_x: x_embed needs a gradient too.
 MODES = ("forward", "forward_backward", "forward_backward_x")
-STEP_FLOOR = common.STEP_FLOOR
 
 
 def _rounds(shape: common.Shape) -> int:
@@ -89,7 +88,7 @@ def test_step_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
     heads = inputs["grad"][:, :split].reshape(shape.batch, shape.top_k, shape.length, shape.width)
     torch.testing.assert_close(out["prompt_grad"][: shape.top_k], heads.sum(0))
     assert not out["prompt_grad"][shape.top_k :].any()
-    _record(benchmark, shape, STEP_FLOOR, "forward_backward", None)
+    _record(benchmark, shape, common.STEP_FLOOR, "forward_backward", None)
 
 
 def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = False) -> tuple[list[str], dict]:
@@ -102,8 +101,8 @@ def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = F
         pool, forward = common.make_pool(shape, name, dev)
         steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
     if with_floor and mode == "forward_backward":
-        names.append(STEP_FLOOR)
-        steps[STEP_FLOOR] = common.step_floor_fn(shape, common.make_inputs(shape, dev, requires_grad=False))
+        names.append(common.STEP_FLOOR)
+        steps[common.STEP_FLOOR] = common.step_floor_fn(shape, common.make_inputs(shape, dev, requires_grad=False))
     return names, steps
 
 
@@ -142,8 +141,8 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
         ratios = [turn["eager"] / turn[name] for turn in turns]
         row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
-        if STEP_FLOOR in steps and name != STEP_FLOOR:  # each turn's step against the floor of the same turn
-            row["over_floor"] = statistics.median(turn[name] / turn[STEP_FLOOR] for turn in turns)
+        if common.STEP_FLOOR in steps and name != common.STEP_FLOOR:  # against the floor of the same turn
+            row["over_floor"] = statistics.median(turn[name] / turn[common.STEP_FLOOR] for turn in turns)
         RESULTS.append(row)
 
 

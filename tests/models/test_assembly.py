@@ -124,32 +124,31 @@ def test_backward_deterministic_and_only_needed_grads(backend: str) -> None:
     assert x.grad is None and cls.grad is None and pos.grad is None
 
 
+def leaf_inputs(case, dtype=torch.float32) -> tuple:
+    """inputs(case) with every float tensor a fresh leaf that requires grad (idx and a missing pos as they are)."""
+    return tuple(t.clone().requires_grad_(True) if t is not None and t.is_floating_point() else t
+                 for t in inputs(case, dtype, strided=False))  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend: str) -> None:
     require(backend)
-    args = [
-        t.requires_grad_(True) if t is not None and t.is_floating_point() else t
-        for t in inputs((2, 3, 4, 3, 2, 2), torch.float64, strided=False)
-    ]
-    assert torch.autograd.gradcheck(lambda *a: run(backend, a), tuple(args))
+    args = leaf_inputs((2, 3, 4, 3, 2, 2), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: run(backend, a), args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck(backend: str) -> None:
     """Second-order gradients (the prompt-gradient op has its own autograd), against finite differences."""
     require(backend)
-    args = [
-        t.requires_grad_(True) if t is not None and t.is_floating_point() else t
-        for t in inputs((2, 3, 4, 3, 2, 2), torch.float64, strided=False)
-    ]
-    assert torch.autograd.gradgradcheck(lambda *a: run(backend, a) ** 2, tuple(args))
+    args = leaf_inputs((2, 3, 4, 3, 2, 2), torch.float64)
+    assert torch.autograd.gradgradcheck(lambda *a: run(backend, a) ** 2, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_order_gradient_matches_reference(backend: str) -> None:
     require(backend)
-    got_args, ref_args = ([t.clone().requires_grad_(t.is_floating_point()) if t is not None else None
-                           for t in inputs(CASES[0], strided=False)] for _ in range(2))  # fmt: skip
+    got_args, ref_args = leaf_inputs(CASES[0]), leaf_inputs(CASES[0])
 
     def hessian_term(out, args):
         x, prompt, _idx, cls, pos = args
