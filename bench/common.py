@@ -316,25 +316,34 @@ def run_interleaved(benchmark, steps: dict[str, Callable[[], object]], rounds: i
     return {name: values[warmup:] for name, values in times.items()}, outs
 
 
-def run_paired_blocks(benchmark, steps: dict[str, Callable[[], object]], blocks: int,
-                      block_rounds: int) -> list[dict[str, float]]:  # fmt: skip
+def run_paired_blocks(benchmark, steps: dict[str, Callable[[], object]], blocks: int, block_rounds: int,
+                      base: str = "eager") -> list[dict[str, tuple[float, float]]]:  # fmt: skip
     """Every step runs ``block_rounds`` times in a row (a block warms its own caches, as a benchmark of its own
-    does), the steps take turns block by block (the order reversed each time), and each block's best round is
-    kept. Returns, per turn, every step's best seconds: neighbouring blocks share the machine's state, so their
-    ratio is not moved by the machine drifting between benchmarks run at different times."""
-    order = list(steps)
-    turns: list[dict[str, float]] = []
+    does) and each block's best round is kept. In every turn each other step's block comes right after a block
+    of ``base`` (the other steps rotate their order from turn to turn), so every block follows a block of a
+    different step: no step runs two blocks in a row (which would warm it longer than the others), every other
+    step starts from the state ``base`` leaves, and ``base`` from the state another step leaves. Returns, per
+    turn, every other step's (``base``'s best seconds in the block just before, its own best seconds): the two
+    sides of a ratio share the machine's state, so the ratio is not moved by the machine drifting between
+    benchmarks run at different times. The first turn warms up and is dropped."""
+    partners = [name for name in steps if name != base]
+    turns: list[dict[str, tuple[float, float]]] = []
     outs: dict[str, object] = {}
 
+    def best_of_block(name: str) -> float:
+        best = float("inf")
+        for _ in range(block_rounds):
+            start = time.perf_counter()
+            outs[name] = steps[name]()
+            best = min(best, time.perf_counter() - start)
+        return best
+
     def one_turn() -> None:
-        best: dict[str, float] = {}
-        for name in order:
-            for _ in range(block_rounds):
-                start = time.perf_counter()
-                outs[name] = steps[name]()
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-        order.reverse()
-        turns.append(best)
+        turn = {}
+        for name in partners:
+            turn[name] = (best_of_block(base), best_of_block(name))
+        partners.append(partners.pop(0))
+        turns.append(turn)
 
     benchmark.pedantic(one_turn, rounds=blocks, warmup_rounds=1)
     return turns[1:]

@@ -124,25 +124,27 @@ def test_interleaved(benchmark, shape: common.Shape, mode: str, smoke: bool) -> 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -> None:
-    """eager and each fused provider take turns in blocks of rounds (common.run_paired_blocks): the median over
-    turns of eager's best round / the provider's best round in the neighbouring block is the table's 'paired'
-    speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a ratio.
-    In the L2P step the step floor (common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed
-    costs done by stock ops) takes turns too: eager / floor is the speed-up that work allows in the turn's
-    machine state, and each provider / floor how far the provider is from it."""
+    """Each fused provider's block of rounds right after a block of eager, in turns (common.run_paired_blocks): the
+    median over turns of eager's best round / the provider's best round in the block after it is the table's
+    'paired' speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a
+    ratio, and every provider (and eager) starting its block from another step's state. In the L2P step the step
+    floor (common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed costs done by stock ops)
+    takes turns too: eager / floor is the speed-up that work allows in the turn's machine state, and each provider
+    / floor (both after an eager block in the same turn) how far the provider is from it."""
     benchmark.group = f"{shape.name} {mode} paired blocks"
     names, steps = _eager_and_native_steps(shape, mode, with_floor=True)
     rounds = _rounds(shape)
     turns = common.run_paired_blocks(benchmark, steps, blocks=2 if smoke else 16, block_rounds=1 if smoke else
                                      max(4, rounds // 10))  # fmt: skip
+    assert all(set(turn) == set(names[1:]) for turn in turns)
     if benchmark.stats is None:
         return
     for name in names[1:]:
-        ratios = [turn["eager"] / turn[name] for turn in turns]
+        ratios = [turn[name][0] / turn[name][1] for turn in turns]
         row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
         if common.STEP_FLOOR in steps and name != common.STEP_FLOOR:  # against the floor of the same turn
-            row["over_floor"] = statistics.median(turn[name] / turn[common.STEP_FLOOR] for turn in turns)
+            row["over_floor"] = statistics.median(turn[name][1] / turn[common.STEP_FLOOR][1] for turn in turns)
         RESULTS.append(row)
 
 

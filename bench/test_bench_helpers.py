@@ -1,0 +1,39 @@
+"""The benchmark helpers' scheduling, checked without timing (runs in the smoke run, skipped by --benchmark-only)."""
+
+from __future__ import annotations
+
+from . import common
+
+
+class _CallingBenchmark:
+    """Stands in for pytest-benchmark's fixture: ``pedantic`` calls the target warmup + rounds times."""
+
+    def pedantic(self, target, rounds: int, warmup_rounds: int = 0):
+        result = None
+        for _ in range(warmup_rounds + rounds):
+            result = target()
+        return result
+
+
+def test_paired_blocks_follow_the_base_and_never_repeat() -> None:
+    calls: list[str] = []
+
+    def step(name: str):
+        def run() -> str:
+            calls.append(name)
+            return name
+        return run
+
+    names = ["eager", "cpu", "floor-step"]
+    block_rounds, blocks = 3, 4
+    turns = common.run_paired_blocks(_CallingBenchmark(), {n: step(n) for n in names}, blocks=blocks,
+                                     block_rounds=block_rounds)  # fmt: skip
+    assert len(turns) == blocks  # the warm-up turn dropped
+    assert all(set(turn) == {"cpu", "floor-step"} for turn in turns)
+    assert all(base > 0 and own > 0 for turn in turns for base, own in turn.values())
+    sequence = calls[::block_rounds]  # one name per block
+    assert calls == [name for name in sequence for _ in range(block_rounds)]  # whole blocks, one step each
+    assert all(a != b for a, b in zip(sequence, sequence[1:], strict=False))  # no step runs two blocks in a row
+    partners = sequence[1::2]
+    assert sequence[::2] == ["eager"] * len(partners)  # every other block is the base's
+    assert partners[:4] == ["cpu", "floor-step", "floor-step", "cpu"]  # the partners rotate turn by turn
