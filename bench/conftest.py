@@ -150,6 +150,17 @@ def _step_floor_lines(rows: list[dict]) -> str:
     return "\n\nL2P step (x frozen) against its floor, paired blocks (median over turns):\n" + "\n".join(lines)
 
 
+def _compile_lines(rows: list[dict]) -> str:
+    """One line per shape and mode: each fused provider's speed-up over torch.compile in the paired blocks (median
+    over turns of compile's best round / the provider's, both right after an eager block in the same turn)."""
+    lines = [f"- {r['shape']} {r['mode'].removeprefix('paired_')}: {r['provider']} {r['over_compile']:.2f}×"
+             for r in rows if "over_compile" in r]  # fmt: skip
+    if not lines:
+        return ""
+    title = "Speed-up over torch.compile, paired blocks (median over turns of compile / provider):"
+    return "\n\n" + title + "\n" + "\n".join(lines)
+
+
 def _scatter_lines(rows: list[dict]) -> str:
     """One line per shape: best and median round of the eager backward's index_put scatter alone."""
     lines = [f"- {r['shape']}: min {r['min_ms']:.3f} ms, median {r['ms']:.3f} ms "
@@ -166,7 +177,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     copy_gbs = common.copy_bandwidth(dev)
     table = _table(RESULTS, copy_gbs)
     terminalreporter.write_sep("=", "l2p_fast prompt-pool benchmark")
-    table += _step_floor_lines(RESULTS) + _scatter_lines(RESULTS)
+    table += _step_floor_lines(RESULTS) + _compile_lines(RESULTS) + _scatter_lines(RESULTS)
     terminalreporter.write_line(table)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

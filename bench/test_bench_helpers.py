@@ -37,3 +37,17 @@ def test_paired_blocks_follow_the_base_and_never_repeat() -> None:
     partners = sequence[1::2]
     assert sequence[::2] == ["eager"] * len(partners)  # every other block is the base's
     assert partners[:4] == ["cpu", "floor-step", "floor-step", "cpu"]  # the partners rotate turn by turn
+
+
+def test_compile_lines_list_each_fused_provider_against_compile() -> None:
+    from .conftest import _compile_lines
+
+    rows = [
+        {"shape": "B16", "provider": "cpu", "mode": "paired_forward", "ratio": 2.0, "over_compile": 1.25},
+        {"shape": "B16", "provider": "compile", "mode": "paired_forward", "ratio": 1.6},
+        {"shape": "B16", "provider": "cpu", "mode": "forward", "ms": 0.4, "min_ms": 0.3},
+    ]
+    text = _compile_lines(rows)
+    assert text.splitlines()[-1] == "- B16 forward: cpu 1.25×"
+    assert "compile 1.6" not in text
+    assert _compile_lines(rows[1:]) == ""

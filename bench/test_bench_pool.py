@@ -91,11 +91,13 @@ def test_step_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
     _record(benchmark, shape, common.STEP_FLOOR, "forward_backward", None)
 
 
-def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = False) -> tuple[list[str], dict]:
-    """The provider names (eager first, then every fused backend on the device, then the step floor when
-    ``with_floor`` and ``mode`` is the L2P step) and each one's step in ``mode``, on its own inputs."""
+def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = False,
+                            with_compile: bool = False) -> tuple[list[str], dict]:  # fmt: skip
+    """The provider names (eager first, then every fused backend on the device, then ``torch.compile`` of the
+    reference when ``with_compile``, then the step floor when ``with_floor`` and ``mode`` is the L2P step) and
+    each one's step in ``mode``, on its own inputs."""
     dev = common.device()
-    names = ["eager"] + common.native_backends(dev.type)
+    names = ["eager"] + common.native_backends(dev.type) + (["compile"] if with_compile else [])
     steps = {}
     for name in names:
         pool, forward = common.make_pool(shape, name, dev)
@@ -130,9 +132,11 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
     ratio, and every provider (and eager) starting its block from another step's state. In the L2P step the step
     floor (common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed costs done by stock ops)
     takes turns too: eager / floor is the speed-up that work allows in the turn's machine state, and each provider
-    / floor (both after an eager block in the same turn) how far the provider is from it."""
+    / floor (both after an eager block in the same turn) how far the provider is from it. In the full run
+    torch.compile of the reference takes turns as well: compile / provider in the same turn is the speed-up over
+    compile under one machine state."""
     benchmark.group = f"{shape.name} {mode} paired blocks"
-    names, steps = _eager_and_native_steps(shape, mode, with_floor=True)
+    names, steps = _eager_and_native_steps(shape, mode, with_floor=True, with_compile=not smoke)
     rounds = _rounds(shape)
     turns = common.run_paired_blocks(benchmark, steps, blocks=2 if smoke else 16, block_rounds=1 if smoke else
                                      max(4, rounds // 10))  # fmt: skip
@@ -145,6 +149,8 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
         if common.STEP_FLOOR in steps and name != common.STEP_FLOOR:  # against the floor of the same turn
             row["over_floor"] = statistics.median(turn[name][1] / turn[common.STEP_FLOOR][1] for turn in turns)
+        if "compile" in steps and name not in ("compile", common.STEP_FLOOR):  # against compile in the same turn
+            row["over_compile"] = statistics.median(turn["compile"][1] / turn[name][1] for turn in turns)
         RESULTS.append(row)
 
 
