@@ -73,6 +73,10 @@ def native_backends(device_type: str) -> list[str]:
 NO_CACHE = "cpu-nocache"
 # the floor of the L2P step (step_floor_fn), a row of its own in the tables
 STEP_FLOOR = "floor-step"
+# the floor of the forward (floor_fn: allocate the output and write it once)
+FORWARD_FLOOR = "floor"
+# the floor each mode's paired blocks take turns with (the trainable-x step has none)
+PAIRED_FLOORS = {"forward": FORWARD_FLOOR, "forward_backward": STEP_FLOOR}
 
 
 def provider_names(device_type: str, with_compile: bool) -> list[str]:

@@ -133,21 +133,27 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
     return "\n".join(lines)
 
 
-def _step_floor_lines(rows: list[dict]) -> str:
-    """One line per shape: the L2P step against its floor (common.step_floor_fn) in the paired blocks (median over
-    turns), the turns in which the floor is less than 4x faster than eager, and each fused provider / floor."""
-    lines = []
-    for row in rows:
-        if row["provider"] != common.STEP_FLOOR or row["mode"] != "paired_forward_backward":
-            continue
-        below = sum(ratio < 4 for ratio in row["turn_ratios"])
-        others = [r for r in rows if r["shape"] == row["shape"] and r["mode"] == row["mode"] and "over_floor" in r]
-        over = ", ".join(f"{r['provider']} / floor {r['over_floor']:.2f}" for r in others)
-        lines.append(f"- {row['shape']}: eager / floor {row['ratio']:.2f} (below 4 in {below} of "
-                     f"{len(row['turn_ratios'])} turns); {over}")
-    if not lines:
-        return ""
-    return "\n\nL2P step (x frozen) against its floor, paired blocks (median over turns):\n" + "\n".join(lines)
+def _floor_lines(rows: list[dict]) -> str:
+    """Per mode with a floor in the paired blocks (common.PAIRED_FLOORS), one line per shape: eager / floor (median
+    over turns), for the L2P step the turns in which the floor is less than 4x faster than eager, and each other
+    provider / floor in the same turns."""
+    titles = {"forward": "Forward against its floor (alloc + write once), paired blocks (median over turns):",
+              "forward_backward": "L2P step (x frozen) against its floor, paired blocks (median over turns):"}
+    sections = []
+    for mode, floor in common.PAIRED_FLOORS.items():
+        lines = []
+        for row in rows:
+            if row["provider"] != floor or row["mode"] != f"paired_{mode}":
+                continue
+            below = sum(ratio < 4 for ratio in row["turn_ratios"])
+            turns = len(row["turn_ratios"])
+            below_text = f" (below 4 in {below} of {turns} turns)" if mode == "forward_backward" else ""
+            others = [r for r in rows if r["shape"] == row["shape"] and r["mode"] == row["mode"] and "over_floor" in r]
+            over = ", ".join(f"{r['provider']} / floor {r['over_floor']:.2f}" for r in others)
+            lines.append(f"- {row['shape']}: eager / floor {row['ratio']:.2f}{below_text}; {over}")
+        if lines:
+            sections.append("\n\n" + titles[mode] + "\n" + "\n".join(lines))
+    return "".join(sections)
 
 
 def _compile_lines(rows: list[dict]) -> str:
@@ -177,7 +183,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     copy_gbs = common.copy_bandwidth(dev)
     table = _table(RESULTS, copy_gbs)
     terminalreporter.write_sep("=", "l2p_fast prompt-pool benchmark")
-    table += _step_floor_lines(RESULTS) + _compile_lines(RESULTS) + _scatter_lines(RESULTS)
+    table += _floor_lines(RESULTS) + _compile_lines(RESULTS) + _scatter_lines(RESULTS)
     terminalreporter.write_line(table)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

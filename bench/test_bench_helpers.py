@@ -51,3 +51,20 @@ def test_compile_lines_list_each_fused_provider_against_compile() -> None:
     assert text.splitlines()[-1] == "- B16 forward: cpu 1.25×"
     assert "compile 1.6" not in text
     assert _compile_lines(rows[1:]) == ""
+
+
+def test_floor_lines_give_each_provider_against_the_mode_floor() -> None:
+    from .conftest import _floor_lines
+
+    rows = [
+        {"shape": "B16", "provider": "floor", "mode": "paired_forward", "ratio": 3.0, "turn_ratios": [3.0]},
+        {"shape": "B16", "provider": "cpu", "mode": "paired_forward", "ratio": 2.0, "over_floor": 1.1},
+        {"shape": "B16", "provider": "floor-step", "mode": "paired_forward_backward", "ratio": 5.0,
+         "turn_ratios": [5.0, 3.5, 4.5]},
+        {"shape": "B16", "provider": "cpu", "mode": "paired_forward_backward", "ratio": 4.2, "over_floor": 1.2},
+    ]
+    text = _floor_lines(rows)
+    assert "- B16: eager / floor 3.00; cpu / floor 1.10" in text.splitlines()
+    assert "- B16: eager / floor 5.00 (below 4 in 1 of 3 turns); cpu / floor 1.20" in text.splitlines()
+    assert text.index("Forward against its floor") < text.index("L2P step (x frozen) against its floor")
+    assert _floor_lines(rows[1:2]) == ""

@@ -94,17 +94,20 @@ def test_step_floor(benchmark, shape: common.Shape, smoke: bool) -> None:
 def _eager_and_native_steps(shape: common.Shape, mode: str, with_floor: bool = False,
                             with_compile: bool = False) -> tuple[list[str], dict]:  # fmt: skip
     """The provider names (eager first, then every fused backend on the device, then ``torch.compile`` of the
-    reference when ``with_compile``, then the step floor when ``with_floor`` and ``mode`` is the L2P step) and
-    each one's step in ``mode``, on its own inputs."""
+    reference when ``with_compile``, then the mode's floor when ``with_floor`` and the mode has one) and
+    each one's step in ``mode``, on its own inputs. The floor is the forward's (alloc + write once) in the
+    forward mode and the step floor in the L2P step."""
     dev = common.device()
     names = ["eager"] + common.native_backends(dev.type) + (["compile"] if with_compile else [])
     steps = {}
     for name in names:
         pool, forward = common.make_pool(shape, name, dev)
         steps[name] = common.step_fn(pool, forward, common.make_inputs(shape, dev, mode == "forward_backward_x"), mode)
-    if with_floor and mode == "forward_backward":
-        names.append(common.STEP_FLOOR)
-        steps[common.STEP_FLOOR] = common.step_floor_fn(shape, common.make_inputs(shape, dev, requires_grad=False))
+    floor = common.PAIRED_FLOORS.get(mode)
+    if with_floor and floor is not None:
+        make = common.step_floor_fn if floor == common.STEP_FLOOR else common.floor_fn
+        names.append(floor)
+        steps[floor] = make(shape, common.make_inputs(shape, dev, requires_grad=False))
     return names, steps
 
 
@@ -129,10 +132,11 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
     """Each fused provider's block of rounds right after a block of eager, in turns (common.run_paired_blocks): the
     median over turns of eager's best round / the provider's best round in the block after it is the table's
     'paired' speed-up: caches as warm as in the separate benchmarks, the machine's state shared by both sides of a
-    ratio, and every provider (and eager) starting its block from another step's state. In the L2P step the step
-    floor (common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed costs done by stock ops)
-    takes turns too: eager / floor is the speed-up that work allows in the turn's machine state, and each provider
-    / floor (both after an eager block in the same turn) how far the provider is from it. In the full run
+    ratio, and every provider (and eager) starting its block from another step's state. The mode's floor takes
+    turns too (the forward: allocate the output and write it once, common.floor_fn; the L2P step: the step floor,
+    common.step_floor_fn, the step's unavoidable memory work and PyTorch's fixed costs done by stock ops): eager /
+    floor is the speed-up that work allows in the turn's machine state, and each provider / floor (both after an
+    eager block in the same turn) how far the provider is from it. In the full run
     torch.compile of the reference takes turns as well: compile / provider in the same turn is the speed-up over
     compile under one machine state."""
     benchmark.group = f"{shape.name} {mode} paired blocks"
@@ -147,9 +151,10 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
         ratios = [turn[name][0] / turn[name][1] for turn in turns]
         row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
-        if common.STEP_FLOOR in steps and name != common.STEP_FLOOR:  # against the floor of the same turn
-            row["over_floor"] = statistics.median(turn[name][1] / turn[common.STEP_FLOOR][1] for turn in turns)
-        if "compile" in steps and name not in ("compile", common.STEP_FLOOR):  # against compile in the same turn
+        floor = common.PAIRED_FLOORS.get(mode)
+        if floor in steps and name != floor:  # against the floor of the same turn
+            row["over_floor"] = statistics.median(turn[name][1] / turn[floor][1] for turn in turns)
+        if "compile" in steps and name not in ("compile", floor):  # against compile in the same turn
             row["over_compile"] = statistics.median(turn["compile"][1] / turn[name][1] for turn in turns)
         RESULTS.append(row)
 
