@@ -174,13 +174,14 @@ HUGE_PAGE = 2 * 1024 * 1024
 
 
 def mapped_buffer(sizes: tuple[int, ...], dev: torch.device) -> torch.Tensor:
-    """An fp32 buffer allocated beforehand for the floors. On the CPU: fresh anonymous memory, 2 MiB-aligned and
-    advised to use transparent huge pages, as the native output cache maps its large blocks, so that a floor
-    pays no more TLB misses than the cache's outputs (torch.empty of a large size gets 4 KiB pages here)."""
+    """An fp32 buffer allocated beforehand for the floors. On the CPU: fresh private anonymous memory, 2 MiB-aligned
+    and advised to use transparent huge pages, as the native output cache maps its large blocks, so that a floor
+    pays no more TLB misses than the cache's outputs (torch.empty of a large size gets 4 KiB pages here; a shared
+    mapping would be shmem, which gets none)."""
     if dev.type != "cpu":
         return torch.empty(sizes, device=dev)
     nbytes = math.prod(sizes) * 4
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: shared memory gets no THP
     address = ctypes.addressof(ctypes.c_char.from_buffer(region))
     offset = -address % HUGE_PAGE
     if hasattr(mmap, "MADV_HUGEPAGE"):  # advice only: without it the buffer is still valid memory

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
+
+import pytest
+import torch
+
 from . import common
 
 
@@ -68,3 +73,33 @@ def test_floor_lines_give_each_provider_against_the_mode_floor() -> None:
     assert "- B16: eager / floor 5.00 (below 4 in 1 of 3 turns); cpu / floor 1.20" in text.splitlines()
     assert text.index("Forward against its floor") < text.index("L2P step (x frozen) against its floor")
     assert _floor_lines(rows[1:2]) == ""
+
+
+def _vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps), None where there is no smaps."""
+    try:
+        with open("/proc/self/smaps") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_mapped_buffer_is_private_zeroed_and_huge_page_advised() -> None:
+    buffer = common.mapped_buffer((3, 5, 7), torch.device("cpu"))
+    assert buffer.shape == (3, 5, 7) and buffer.dtype == torch.float32 and not buffer.any()
+    assert buffer.data_ptr() % common.HUGE_PAGE == 0
+    flags = _vm_flags(buffer.data_ptr())
+    if flags is None:
+        pytest.skip("no /proc/self/smaps on this system")
+    assert "sh" not in flags  # a shared mapping would be shmem, which gets no transparent huge pages
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert "hg" in flags
