@@ -49,21 +49,16 @@ inline int64_t grain_for(int64_t elements_per_row) {
 // Forward
 // ----------------------------------------------------------------------------------------------
 
-// One token row (D,) into the running reductions. Separate loops per mode with restrict-qualified
-// pointers, so the compiler vectorises them across d (the sum of each d still runs in token order).
-template <typename x_t, typename acc_t>
-inline void sum_token(const x_t* __restrict token, acc_t* __restrict sum, int64_t width) {
-  for (int64_t d = 0; d < width; ++d) sum[d] += cast_to<acc_t>(token[d]);
-}
-
-// The same reductions fused with the token's copy into the output (same dtype, regular stores): one pass
-// over the row, each element loaded once.
-template <bool kSum, bool kMax, typename x_t, typename acc_t>
-inline void copy_and_reduce_token(const x_t* __restrict token, x_t* __restrict dst, acc_t* __restrict sum,
-                                  acc_t* __restrict best, int32_t* __restrict arg, int32_t n, int64_t width) {
+// One token row (D,) into the running reductions (sum for modes 0 and 2, first maximum and its token for
+// modes 1 and 2), with kCopy also into its output row (same dtype, regular stores: one pass, each element
+// loaded once). Restrict-qualified, one loop per mode, so the compiler vectorises it across d (the sum of
+// each d still runs in token order).
+template <bool kCopy, bool kSum, bool kMax, typename x_t, typename acc_t>
+inline void reduce_token(const x_t* __restrict token, x_t* __restrict copy, acc_t* __restrict sum,
+                         acc_t* __restrict best, int32_t* __restrict arg, int32_t n, int64_t width) {
   for (int64_t d = 0; d < width; ++d) {
     const x_t raw = token[d];
-    dst[d] = raw;
+    if constexpr (kCopy) copy[d] = raw;
     const acc_t v = cast_to<acc_t>(raw);
     if constexpr (kSum) sum[d] += v;
     if constexpr (kMax) {
@@ -74,14 +69,15 @@ inline void copy_and_reduce_token(const x_t* __restrict token, x_t* __restrict d
   }
 }
 
-template <typename x_t, typename acc_t>
-inline void max_token(const x_t* __restrict token, acc_t* __restrict best, int32_t* __restrict arg, int32_t n,
-                      int64_t width) {
-  for (int64_t d = 0; d < width; ++d) {
-    const acc_t v = cast_to<acc_t>(token[d]);
-    const bool greater = v > best[d];  // strict: the first maximum wins, as torch.max does
-    best[d] = greater ? v : best[d];
-    arg[d] = greater ? n : arg[d];
+template <bool kCopy, typename x_t, typename acc_t>
+inline void reduce_token_in_mode(int64_t mode, const x_t* token, x_t* copy, acc_t* sum, acc_t* best, int32_t* arg,
+                                 int32_t n, int64_t width) {
+  if (mode == 0) {
+    reduce_token<kCopy, true, false>(token, copy, sum, best, arg, n, width);
+  } else if (mode == 1) {
+    reduce_token<kCopy, false, true>(token, copy, sum, best, arg, n, width);
+  } else {
+    reduce_token<kCopy, true, true>(token, copy, sum, best, arg, n, width);
   }
 }
 
@@ -94,7 +90,6 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
   out_t* out = o.prompted.data_ptr<out_t>();
   int32_t* argmax = (mode == 1 || mode == 2) ? o.argmax.data_ptr<int32_t>() : nullptr;
   const bool streaming = stream_output(o.prompted.nbytes());
-  const bool needs_sum = mode != 1, needs_max = mode != 0;
   at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(width), best(width);
     std::vector<int32_t> arg(width);
@@ -106,23 +101,17 @@ void copy_tokens_and_reduce(const ForwardArgs& a, ForwardOutputs& o, acc_t* q) {
       std::fill(arg.begin(), arg.end(), 0);
       for (int64_t n = 0; n < tokens; ++n) {
         const x_t* token = src + n * width;
+        out_t* row = dst + n * width;
+        const int32_t n32 = static_cast<int32_t>(n);
         if constexpr (std::is_same_v<x_t, out_t>) {
           if (!streaming) {
-            out_t* row = dst + n * width;
-            const int32_t n32 = static_cast<int32_t>(n);
-            if (mode == 0) {
-              copy_and_reduce_token<true, false>(token, row, sum.data(), best.data(), arg.data(), n32, width);
-            } else if (mode == 1) {
-              copy_and_reduce_token<false, true>(token, row, sum.data(), best.data(), arg.data(), n32, width);
-            } else {
-              copy_and_reduce_token<true, true>(token, row, sum.data(), best.data(), arg.data(), n32, width);
-            }
+            reduce_token_in_mode<true>(mode, token, row, sum.data(), best.data(), arg.data(), n32, width);
             continue;
           }
         }
-        copy_row(token, dst + n * width, width, streaming);
-        if (needs_sum) sum_token(token, sum.data(), width);
-        if (needs_max) max_token(token, best.data(), arg.data(), static_cast<int32_t>(n), width);
+        copy_row(token, row, width, streaming);
+        reduce_token_in_mode<false>(mode, token, static_cast<x_t*>(nullptr), sum.data(), best.data(), arg.data(), n32,
+                                    width);
       }
       for (int64_t d = 0; d < width; ++d) q[b * width + d] = math::finish_query(mode, sum[d], best[d], tokens);
       if (argmax != nullptr) std::memcpy(argmax + b * width, arg.data(), width * sizeof(int32_t));
