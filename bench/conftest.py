@@ -145,9 +145,10 @@ def _floor_lines(rows: list[dict]) -> str:
         for row in rows:
             if row["provider"] != floor or row["mode"] != f"paired_{mode}":
                 continue
-            below = sum(ratio < 4 for ratio in row["turn_ratios"])
-            turns = len(row["turn_ratios"])
-            below_text = f" (below 4 in {below} of {turns} turns)" if mode == "forward_backward" else ""
+            below_text = ""
+            if mode == "forward_backward":  # the step's target: 4x eager
+                below = sum(ratio < 4 for ratio in row["turn_ratios"])
+                below_text = f" (below 4 in {below} of {len(row['turn_ratios'])} turns)"
             others = [r for r in rows if r["shape"] == row["shape"] and r["mode"] == row["mode"] and "over_floor" in r]
             over = ", ".join(f"{r['provider']} / floor {r['over_floor']:.2f}" for r in others)
             lines.append(f"- {row['shape']}: eager / floor {row['ratio']:.2f}{below_text}; {over}")

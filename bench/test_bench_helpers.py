@@ -1,4 +1,5 @@
-"""The benchmark helpers' scheduling, checked without timing (runs in the smoke run, skipped by --benchmark-only)."""
+"""The benchmark helpers checked without timing: the paired blocks' schedule, the summary lines under the table
+and the floors' mapped buffers (run in the smoke run, skipped by --benchmark-only)."""
 
 from __future__ import annotations
 

@@ -147,11 +147,11 @@ def test_paired_blocks(benchmark, shape: common.Shape, mode: str, smoke: bool) -
     assert all(set(turn) == set(names[1:]) for turn in turns)
     if benchmark.stats is None:
         return
+    floor = common.PAIRED_FLOORS.get(mode)
     for name in names[1:]:
         ratios = [turn[name][0] / turn[name][1] for turn in turns]
         row = {"shape": shape.name, "provider": name, "mode": f"paired_{mode}", "ratio": statistics.median(ratios),
                "turns": len(turns), "turn_ratios": ratios}  # fmt: skip
-        floor = common.PAIRED_FLOORS.get(mode)
         if floor in steps and name != floor:  # against the floor of the same turn
             row["over_floor"] = statistics.median(turn[name][1] / turn[floor][1] for turn in turns)
         if "compile" in steps and name not in ("compile", floor):  # against compile in the same turn
