@@ -90,9 +90,8 @@ class FusedPromptPool(nn.Module):
 
     def keys(self) -> Tensor:
         """The keys (M, D): the learnable ``prompt_key``, or the mean of each prompt's Lp tokens."""
-        if self.prompt_key is not None:
-            return self.prompt_key
-        return self.prompt.mean(dim=1)
+        key = self.prompt_key  # one lookup: parameters are reached through nn.Module.__getattr__
+        return key if key is not None else self.prompt.mean(dim=1)
 
     def resolved_backend(self, device: torch.device | str) -> str:
         """Name of the backend that runs for tensors on ``device``."""
@@ -102,6 +101,7 @@ class FusedPromptPool(nn.Module):
         self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
     ) -> dict[str, Tensor | int]:
         """x_embed (B, N, D) → dict of SPEC §4.5; ``prompted_embedding`` is (B, K·Lp + N, D)."""
+        prompt = self.prompt  # each parameter read once: nn.Module.__getattr__ costs ~1 µs a lookup
         validate_forward(
             x_embed,
             prompt_mask,
@@ -109,15 +109,16 @@ class FusedPromptPool(nn.Module):
             embed_dim=self.embed_dim,
             pool_size=self.pool_size,
             prompt_pool=self.prompt_pool,
-            device=self.prompt.device,
+            device=prompt.device,
         )
         _, backend = dispatch.resolve(self.backend, x_embed.device.type)
         if not self.prompt_pool:
-            return {"total_prompt_len": self.length, "prompted_embedding": backend.prepend(self.prompt, x_embed)}
+            return {"total_prompt_len": self.length, "prompted_embedding": backend.prepend(prompt, x_embed)}
+        key = self.prompt_key
         out = backend.pool_forward(
             x_embed,
-            self.prompt,
-            self.keys(),
+            prompt,
+            key if key is not None else prompt.mean(dim=1),
             embedding_key=self.embedding_key,
             top_k=self.top_k,
             batchwise=self.batchwise_prompt,

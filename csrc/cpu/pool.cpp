@@ -224,7 +224,7 @@ ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at
                                bool batchwise) {
   const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise);
   ForwardOutputs o = allocate_forward(a);
-  at::Tensor q = a.mode == kModeCls ? a.cls : at::empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
+  at::Tensor q = a.mode == kModeCls ? a.cls : new_empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_forward_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_type, "pool_forward_cpu_out", [&] {
@@ -416,15 +416,15 @@ BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const std::opt
                                           grad_selected_key, grad_reduce_sim, x_norm, prompt_norm, q_sumsq, k_sumsq,
                                           idx, argmax, mode, length);
   const auto opts = grad_prompted.options();
-  at::Tensor grad_x = at::empty({0}, opts.dtype(x_dtype));
-  at::Tensor grad_query = at::empty({0}, opts.dtype(query_dtype));
-  at::Tensor grad_prompt = at::empty({0}, opts.dtype(prompt_dtype));
-  at::Tensor grad_keys = at::empty({0}, opts.dtype(keys_dtype));
+  at::Tensor grad_x = new_empty({0}, opts.dtype(x_dtype));
+  at::Tensor grad_query = new_empty({0}, opts.dtype(query_dtype));
+  at::Tensor grad_prompt = new_empty({0}, opts.dtype(prompt_dtype));
+  at::Tensor grad_keys = new_empty({0}, opts.dtype(keys_dtype));
   const bool query_used = (need_x && mode != kModeCls) || (need_query && mode == kModeCls);
   at::Tensor grad_q;
   if (query_used || need_keys) {
-    if (query_used) grad_q = at::empty({a.batch, a.width}, opts.dtype(a.acc_type));
-    at::Tensor grad_k = need_keys ? at::empty({a.pool, a.width}, opts.dtype(a.acc_type)) : at::Tensor();
+    if (query_used) grad_q = new_empty({a.batch, a.width}, opts.dtype(a.acc_type));
+    at::Tensor grad_k = need_keys ? new_empty({a.pool, a.width}, opts.dtype(a.acc_type)) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(a.acc_type, "pool_backward_cpu_small", [&] {
       query_and_key_grads<scalar_t>(a, query_used ? grad_q.data_ptr<scalar_t>() : nullptr,
                                     need_keys ? grad_k.data_ptr<scalar_t>() : nullptr);
@@ -447,7 +447,7 @@ BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const std::opt
     });
   }
   if (need_prompt) {
-    grad_prompt = at::empty({a.pool, a.length, a.width}, opts.dtype(prompt_dtype));
+    grad_prompt = new_empty({a.pool, a.length, a.width}, opts.dtype(prompt_dtype));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.grad_prompted.scalar_type(), "pool_bwd_p", [&] {
       using grad_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prompt_dtype, "pool_bwd_p2", [&] {

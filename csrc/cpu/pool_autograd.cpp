@@ -8,7 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/accumulate.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -22,7 +23,7 @@
 namespace l2p_fast {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 ForwardResult call_pool_forward(const at::Tensor& x, const std::optional<at::Tensor>& cls, const at::Tensor& prompt,
@@ -106,77 +107,89 @@ variable_list once_differentiable(const variable_list& saved, const variable_lis
   });
 }
 
-class PoolForwardFunction : public torch::autograd::Function<PoolForwardFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& cls,
-                               const at::Tensor& prompt, const at::Tensor& keys,
-                               const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k, bool batchwise) {
-    auto [prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq] =
-        call_pool_forward(x, cls, prompt, keys, mask, mode, top_k, batchwise);
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({idx, argmax, q_sumsq, k_sumsq});
-    ctx->save_for_backward({x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax});
-    ctx->saved_data["mode"] = mode;
-    ctx->saved_data["length"] = prompt.size(1);
-    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    const bool has_cls = cls.has_value() && cls->defined();
-    ctx->saved_data["has_cls"] = has_cls;
-    // a leaf x_embed stores its grad: AccumulateGrad would clone a strided view with a fresh malloc,
-    // so such a grad is written contiguous into a reused block instead (same bytes, no page faults)
-    ctx->saved_data["x_leaf"] = x.is_leaf();
-    ctx->saved_data["query_dtype"] = static_cast<int64_t>(has_cls ? cls->scalar_type() : x.scalar_type());
-    ctx->saved_data["prompt_dtype"] = static_cast<int64_t>(prompt.scalar_type());
-    ctx->saved_data["keys_dtype"] = static_cast<int64_t>(keys.scalar_type());
-    ctx->saved_data["prompted_sizes"] = prompted.sizes().vec();
-    ctx->saved_data["prompted_dtype"] = static_cast<int64_t>(prompted.scalar_type());
-    return {prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq};
+// The backward node of pool_forward, written directly on torch::autograd::Node (not through
+// torch::autograd::Function, whose per-call machinery — a string-keyed IValue map for every saved scalar,
+// output-info records of all ten outputs, a demangled type name on every backward — costs more than this
+// node's whole bookkeeping). Edges (next functions): 0 x_embed, 1 cls_features, 2 prompt, 3 keys. Inputs
+// (gradients of the differentiable outputs, undefined when unused): 0 prompted, 1 x_norm, 2 prompt_norm,
+// 3 similarity, 4 selected_key, 5 reduce_sim. idx, argmax, q_sumsq and k_sumsq are not differentiable.
+struct PoolForwardBackward final : public torch::autograd::Node {
+  std::string name() const override { return "l2p_fast::PoolForwardBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&x_norm, &prompt_norm, &q_sumsq, &k_sumsq, &idx, &argmax}) saved->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& x_norm = saved[0];
-    const at::Tensor& idx = saved[4];
-    const int64_t mode = ctx->saved_data["mode"].toInt();
-    const int64_t length = ctx->saved_data["length"].toInt();
-    const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
-    const int64_t top_k = idx.size(1);
-    const auto acc = x_norm.options();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const c10::intrusive_ptr<Node> self = getptr();
+    // x_norm and prompt_norm are outputs of this node (unpacked against it); the others have no history
+    const variable_list saved = {x_norm.unpack(self), prompt_norm.unpack(self), q_sumsq.unpack(), k_sumsq.unpack(),
+                                 idx.unpack(), argmax.unpack()};
+    const auto acc = saved[0].options();
     // grads of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); zeros where unused
-    variable_list g = {grads[0], grads[1], grads[2], grads[3], grads[5], grads[6]};
-    if (!g[0].defined()) {
-      const auto sizes = ctx->saved_data["prompted_sizes"].toIntVector();
-      g[0] = unused_grad(sizes, acc.dtype(dtype("prompted_dtype")), x_norm);
-    }
+    variable_list g = grads;
+    if (!g[0].defined()) g[0] = unused_grad(prompted_sizes, acc.dtype(prompted_dtype), saved[0]);
     if (!g[5].defined()) g[5] = at::zeros({}, acc);  // g[1..4] stay undefined: zero, skipped by the op
-    // needs_input_grad counts tensor inputs only: x, [cls_features], prompt, keys, [prompt_mask]
-    const bool has_cls = ctx->saved_data["has_cls"].toBool();
-    const size_t prompt_edge = has_cls ? 2 : 1;
-    const bool need_x = ctx->needs_input_grad(0), need_cls = has_cls && ctx->needs_input_grad(1);
-    const bool need_prompt = ctx->needs_input_grad(prompt_edge), need_keys = ctx->needs_input_grad(prompt_edge + 1);
+    const bool need_x = task_should_compute_output(0), need_cls = task_should_compute_output(1);
+    const bool need_prompt = task_should_compute_output(2), need_keys = task_should_compute_output(3);
     // with cls_features as the query, grad x_embed is the token slice of grad prompted: a view (no copy),
     // except for a leaf x_embed, whose grad the op writes contiguous (into a reused block, with streaming
     // stores when large)
-    const bool x_as_view = need_x && mode == kModeCls && !ctx->saved_data["x_leaf"].toBool();
+    const bool x_as_view = need_x && mode == kModeCls && !x_leaf;
     auto [grad_x, grad_cls, grad_prompt, grad_keys] =
-        call_pool_backward(g, saved, mode, length, dtype("x_dtype"), dtype("query_dtype"), dtype("prompt_dtype"),
-                           dtype("keys_dtype"), need_x && !x_as_view, need_cls, need_prompt, need_keys);
-    if (x_as_view) grad_x = g[0].slice(1, top_k * length).to(dtype("x_dtype"));
+        call_pool_backward(g, saved, mode, length, x_dtype, query_dtype, prompt_dtype, keys_dtype,
+                           need_x && !x_as_view, need_cls, need_prompt, need_keys);
+    if (x_as_view) grad_x = g[0].slice(1, saved[4].size(1) * length).to(x_dtype);
     const at::Tensor none;
-    variable_list results = once_differentiable(
-        saved, grads,
-        {need_x ? grad_x : none, need_cls ? grad_cls : none, need_prompt ? grad_prompt : none,
-         need_keys ? grad_keys : none});
-    results.resize(8);  // no gradient for the mask and the int arguments
-    return results;
+    return once_differentiable(saved, grads,
+                               {need_x ? grad_x : none, need_cls ? grad_cls : none, need_prompt ? grad_prompt : none,
+                                need_keys ? grad_keys : none});
   }
+
+  SavedVariable x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax;
+  int64_t mode = 0, length = 0;
+  std::vector<int64_t> prompted_sizes;
+  at::ScalarType x_dtype{}, query_dtype{}, prompt_dtype{}, keys_dtype{}, prompted_dtype{};
+  bool x_leaf = false;  // a leaf x_embed stores its grad: AccumulateGrad would clone a strided view
 };
+
+constexpr const char* kNoForwardAD =
+    "l2p_fast: the native prompt pool (backend='cpu' / 'cuda') has no forward-mode AD (jvp); an input carries a "
+    "forward gradient (torch.autograd.forward_ad). Use FusedPromptPool(backend='reference') for forward-mode AD.";
 
 ForwardResult pool_forward_autograd(const at::Tensor& x, const std::optional<at::Tensor>& cls,
                                     const at::Tensor& prompt, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k,
                                     bool batchwise) {
-  const variable_list out = PoolForwardFunction::apply(x, cls, prompt, keys, mask, mode, top_k, batchwise);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+  const at::Tensor cls_or_none = cls.has_value() ? *cls : at::Tensor();
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(cls_or_none) &&
+                  !torch::autograd::isFwGradDefined(prompt) && !torch::autograd::isFwGradDefined(keys),
+              kNoForwardAD);
+  ForwardResult out = call_pool_forward(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+  if (!torch::autograd::compute_requires_grad(x, cls_or_none, prompt, keys)) return out;
+  auto& [prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq] = out;
+  auto node = c10::make_intrusive<PoolForwardBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, cls_or_none, prompt, keys));
+  torch::autograd::set_history({prompted, x_norm, prompt_norm, sim, selected, reduce}, node);
+  node->x_norm = SavedVariable(x_norm, /*is_output=*/true);
+  node->prompt_norm = SavedVariable(prompt_norm, /*is_output=*/true);
+  node->q_sumsq = SavedVariable(q_sumsq, /*is_output=*/false);  // no history: saved as is
+  node->k_sumsq = SavedVariable(k_sumsq, false);
+  node->idx = SavedVariable(idx, false);
+  node->argmax = SavedVariable(argmax, false);
+  node->mode = mode;
+  node->length = prompt.size(1);
+  node->prompted_sizes = prompted.sizes().vec();
+  node->x_dtype = x.scalar_type();
+  node->query_dtype = mode == kModeCls ? cls_or_none.scalar_type() : x.scalar_type();
+  node->prompt_dtype = prompt.scalar_type();
+  node->keys_dtype = keys.scalar_type();
+  node->prompted_dtype = prompted.scalar_type();
+  node->x_leaf = x.is_leaf();
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
 }
 
 }  // namespace
