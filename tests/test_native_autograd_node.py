@@ -1,6 +1,7 @@
 """The native pool's backward node (csrc/cpu/pool_autograd.cpp) inside PyTorch's autograd: graph shape,
-retained and released graphs, in-place checks on saved outputs, trimmed backward (``inputs=``), saved-tensor
-hooks, no-grad and inference modes, and the clear error for forward-mode AD."""
+retained and released graphs, in-place checks on saved outputs, anomaly mode's forward trace, trimmed
+backward (``inputs=``), saved-tensor hooks, no-grad and inference modes, and the clear error for
+forward-mode AD."""
 
 import pytest
 import torch
@@ -69,6 +70,19 @@ def test_in_place_change_of_a_saved_output_is_detected() -> None:
         out["x_embed_norm"].mul_(2.0)  # saved for the backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_anomaly_mode_names_the_forward_call_of_a_failing_backward() -> None:
+    pool, inputs = _setup()
+    with torch.autograd.detect_anomaly(check_nan=False):
+        out = pool(inputs["x_embed"], cls_features=inputs["cls_features"])
+        loss = _loss(out)
+        with torch.no_grad():
+            out["x_embed_norm"].add_(1.0)
+        with pytest.warns(UserWarning, match="forward call that caused the error"):
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
 
 
 def test_trimmed_backward_matches_the_full_one() -> None:
