@@ -19,6 +19,28 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def pool_outputs(
+    idx: Tensor,
+    prompt_norm: Tensor,
+    x_norm: Tensor,
+    similarity: Tensor,
+    selected_key: Tensor,
+    reduce_sim: Tensor,
+    prompted: Tensor,
+) -> dict[str, Tensor]:
+    """The tensor outputs of SPEC §4.5 by name, in the module's order: idx (B, K), prompt_norm (M, D),
+    x_norm (B, D), similarity (B, M), selected_key (B, K, D), reduce_sim (), prompted (B, K·Lp + N, D)."""
+    return {
+        "prompt_idx": idx,
+        "prompt_norm": prompt_norm,
+        "x_embed_norm": x_norm,
+        "similarity": similarity,
+        "selected_key": selected_key,
+        "reduce_sim": reduce_sim,
+        "prompted_embedding": prompted,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # l2p_fast::query_reduce(Tensor x, int mode) -> (Tensor q, Tensor argmax)      [native]
 # x (B, N, D) → q (B, D) in max(x.dtype, fp32); argmax (B, D) int64 (empty for mode 0).
@@ -336,15 +358,7 @@ def pool_forward(
     prompted, x_norm, prompt_norm, similarity, idx, selected, reduce_sim = torch.ops.l2p_fast.pool_forward.default(
         x_embed, cls_features if mode == POOL_MODE_CLS else None, prompt, keys, prompt_mask, mode, top_k, batchwise
     )[:7]  # the overload itself: the packet's overload resolution costs ~3 µs a call
-    return {
-        "prompt_idx": idx,
-        "prompt_norm": prompt_norm,
-        "x_embed_norm": x_norm,
-        "similarity": similarity,
-        "selected_key": selected,
-        "reduce_sim": reduce_sim,
-        "prompted_embedding": prompted,
-    }
+    return pool_outputs(idx, prompt_norm, x_norm, similarity, selected, reduce_sim, prompted)
 
 
 # The autograd of pool_forward is a C++ kernel (csrc/cpu/pool_autograd.cpp, Autograd dispatch key): it

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from l2p_fast import FusedPromptPool
+from l2p_fast.ops import pool_outputs
 from l2p_fast.testing import PoolCase, make_inputs, make_pool
 
 EXPECTED_KEYS = [
@@ -108,3 +109,10 @@ def test_state_dict_round_trip_and_upstream_checkpoint() -> None:
 
 def test_extra_repr_mentions_backend() -> None:
     assert "backend='reference'" in repr(FusedPromptPool(backend="reference"))
+
+
+def test_pool_outputs_names_each_tensor_in_the_module_order() -> None:
+    tensors = [torch.full((1,), float(i)) for i in range(7)]
+    named = pool_outputs(*tensors)
+    assert list(named) == [key for key in EXPECTED_KEYS if key != "total_prompt_len"]
+    assert [int(t) for t in named.values()] == list(range(7))  # positional order = SPEC order

@@ -340,15 +340,7 @@ def pool_forward(
     prompt_norm, x_norm, similarity, selected, reduce_sim, out, idx = ops.triton_pool_forward(
         x_embed, prompt, keys, cls_features, prompt_mask, mode, top_k, batchwise
     )[:7]
-    return {
-        "prompt_idx": idx,
-        "prompt_norm": prompt_norm,
-        "x_embed_norm": x_norm,
-        "similarity": similarity,
-        "selected_key": selected,
-        "reduce_sim": reduce_sim,
-        "prompted_embedding": out,
-    }
+    return ops.pool_outputs(idx, prompt_norm, x_norm, similarity, selected, reduce_sim, out)
 
 
 def prepend(prompt: Tensor, x_embed: Tensor) -> Tensor:
