@@ -114,11 +114,10 @@ class FusedPromptPool(nn.Module):
         _, backend = dispatch.resolve(self.backend, x_embed.device.type)
         if not self.prompt_pool:
             return {"total_prompt_len": self.length, "prompted_embedding": backend.prepend(prompt, x_embed)}
-        key = self.prompt_key
         out = backend.pool_forward(
             x_embed,
             prompt,
-            key if key is not None else prompt.mean(dim=1),
+            self.keys(),
             embedding_key=self.embedding_key,
             top_k=self.top_k,
             batchwise=self.batchwise_prompt,

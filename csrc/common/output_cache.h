@@ -6,10 +6,19 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 
 #include <cstdint>
 
 namespace l2p_fast {
+
+// An uninitialised tensor of `sizes` (contiguous) with `options`; on the CPU straight from
+// at::detail::empty_cpu, the function at::empty ends in, without the dispatcher's round trip (about 4,500
+// instructions each: at small shapes the ten outputs' at::empty calls cost more than the kernels).
+inline at::Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (options.device().is_cpu()) return at::Tensor(at::detail::empty_cpu(sizes, options));
+  return at::empty(sizes, options);
+}
 
 // An uninitialised tensor of `sizes` (contiguous) with `options`; CPU tensors of at least
 // kOutputCacheMinBytes come from the reuse cache.

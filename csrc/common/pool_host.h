@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
 
 #include <optional>
 #include <tuple>
@@ -99,14 +98,6 @@ inline ForwardArgs prepare_forward(const at::Tensor& x, const std::optional<at::
   args.mode = mode;
   args.batchwise = batchwise && !mask.has_value();
   return args;
-}
-
-// An uninitialised tensor; on the CPU straight from at::detail::empty_cpu, the function at::empty ends in,
-// without the dispatcher's round trip (about 4,500 instructions each: at small shapes the ten outputs'
-// at::empty calls cost more than the kernels).
-inline at::Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (options.device().is_cpu()) return at::Tensor(at::detail::empty_cpu(sizes, options));
-  return at::empty(sizes, options);
 }
 
 inline ForwardOutputs allocate_forward(const ForwardArgs& a) {

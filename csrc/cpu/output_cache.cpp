@@ -194,7 +194,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   const int64_t numel = c10::multiply_integers(sizes);
   OutputCache& cache = OutputCache::instance();
   if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < kOutputCacheMinBytes || cache.limit() == 0) {
-    return at::Tensor(at::detail::empty_cpu(sizes, options));  // at::empty's CPU path, without the dispatcher
+    return new_empty(sizes, options);
   }
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
 }
