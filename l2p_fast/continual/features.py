@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backbones import Backbone, encoder_features
-from .data import Pool, eval_batches
+from .batching import Pool, eval_batches
 from .output import atomic_torch_save
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from torch import Tensor
 
 from . import metrics
 from .backbones import Backbone, load_backbone
+from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .benchmarks import ContinualBenchmark, get_benchmark
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from .config import RunConfig, resolve
-from .data import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .features import cached_features
 from .methods import Method, TaskEnd, make_method
 from .output import ensure_writable_dir, write_json

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from l2p_fast.continual.batching import build_pool
 from l2p_fast.continual.compare import compare, parse_methods
-from l2p_fast.continual.data import build_pool
 from l2p_fast.continual.features import cached_features, compute_features
 from l2p_fast.continual.report import comparison_table, write_run_plots
 

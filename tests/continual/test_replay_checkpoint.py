@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2p_fast.continual.batching import generator
 from l2p_fast.continual.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2p_fast.continual.data import generator
 from l2p_fast.continual.methods import ReplayBuffer
 
 

@@ -4,7 +4,8 @@ from .base import ContinualBenchmark, LabelledSubset, build_benchmark, resolve_c
 from .files import image_folder, tensor_file
 from .registry import BENCHMARKS, available_benchmarks, get_benchmark
 from .text import TextDataset, wordnet20
-from .vision import default_transforms, five_datasets, split_cifar100
+from .transforms import default_transforms
+from .vision import five_datasets, split_cifar100
 
 __all__ = [
     "BENCHMARKS",

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .base import ContinualBenchmark, build_benchmark, resolve_class_order
 from .text import load_text_json, text_benchmark
-from .vision import default_transforms
+from .transforms import default_transforms
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")

@@ -5,8 +5,7 @@ classes are looked up through a factory table, so tests run the same code on tin
 Transforms follow the L2P setup: train ``RandomResizedCrop(size, scale=(0.05, 1))`` +
 ``RandomHorizontalFlip`` + ``ToTensor``; test ``Resize(size * 256 / 224, bicubic)`` +
 ``CenterCrop(size)`` + ``ToTensor`` (for ``size <= 32`` a plain ``Resize((size, size))``, so that
-28x28 digits and 32x32 CIFAR images share one shape). No normalisation: inputs lie in [0, 1].
-Grey-scale images are converted to RGB first.
+28x28 digits and 32x32 CIFAR images share one shape; see :mod:`.transforms`).
 """
 
 from __future__ import annotations
@@ -19,44 +18,13 @@ from typing import Any
 from torch.utils.data import ConcatDataset
 
 from .base import ContinualBenchmark, build_benchmark, dataset_labels, resolve_class_order
+from .files import folder_dataset
+from .transforms import default_transforms
 
 # factory(root, train, download, transform) -> data set with labels in .targets / .labels
 DatasetFactory = Callable[[str, bool, bool, Any], Any]
 
 FIVE_DATASETS = ("svhn", "mnist", "cifar10", "notmnist", "fashion_mnist")
-
-
-def to_rgb(image: Any) -> Any:
-    """Convert a PIL image to RGB (a no-op for RGB images and non-PIL inputs)."""
-    convert = getattr(image, "convert", None)
-    if convert is not None and getattr(image, "mode", "RGB") != "RGB":
-        return convert("RGB")
-    return image
-
-
-def default_transforms(image_size: int = 224) -> tuple[Any, Any]:
-    """(train, test) torchvision transforms of the L2P setup; outputs are ``3 x size x size`` in [0, 1]."""
-    from torchvision import transforms as T
-
-    if int(image_size) != image_size or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    train = T.Compose(
-        [
-            T.Lambda(to_rgb),
-            T.RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-            T.RandomHorizontalFlip(p=0.5),
-            T.ToTensor(),
-        ]
-    )
-    if image_size > 32:
-        resize = [
-            T.Resize(int(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-        ]
-    else:
-        resize = [T.Resize((image_size, image_size))]
-    test = T.Compose([T.Lambda(to_rgb), *resize, T.ToTensor()])
-    return train, test
 
 
 def _torchvision(cls_name: str) -> DatasetFactory:
@@ -73,8 +41,6 @@ def _torchvision(cls_name: str) -> DatasetFactory:
 
 def _notmnist(root: str, train: bool, download: bool, transform: Any) -> Any:
     """notMNIST is not in torchvision: expects ``root/notMNIST/{Train,Test}/<A..J>/*.png``."""
-    from .files import folder_dataset
-
     folder = Path(root) / "notMNIST" / ("Train" if train else "Test")
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2p_fast.continual.batching import build_pool, derive_seed, eval_batches, generator, train_batches
 from l2p_fast.continual.benchmarks import wordnet20
-from l2p_fast.continual.data import build_pool, derive_seed, eval_batches, generator, train_batches
 
 
 def test_derive_seed_is_stable_and_distinct():
