@@ -10,7 +10,7 @@ assembly op alone at the L2P ViT-B/16 shape, with the bytes each way moves.
 
 Full run: `pytest bench/test_bench_models.py --benchmark-only`; smoke (seconds):
 `pytest bench/test_bench_models.py --benchmark-disable -q`. Examples per second go to
-``extra_info`` and a table is printed at the end of the module.
+``extra_info`` and to the machine's record (``bench/record.py``), whose table is printed at the end.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from torch import nn
 
 import l2p_fast
 from l2p_fast import FusedPromptPool
-from l2p_fast.models import L2PTextEncoder, L2PViT, assemble, assemble_reference, assembly
+from l2p_fast.models import L2PTextEncoder, L2PViT, assemble, assemble_reference
 from l2p_fast.models.text import mean_pool
 
+from . import record
 from .common import median_ratio, run_interleaved
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed")
@@ -46,54 +47,11 @@ VIT_CONFIGS = {  # name -> (timm kwargs, batch)
 }
 POOL = {"length": 5, "pool_size": 10, "top_k": 5}  # the Split CIFAR-100 setting
 TEXT_BATCH = 16
-ROWS: list[dict] = []
+ROWS = record.ROWS["models"]  # saved to the machine's record at the end of a full run (bench/conftest.py)
 
 
 def smoke_mode(config: pytest.Config) -> bool:
     return bool(config.getoption("benchmark_disable", False)) or os.environ.get("L2P_BENCH_SMOKE") == "1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report(request: pytest.FixtureRequest):
-    yield
-    writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if not ROWS or writer is None:
-        return
-    if capture is None:
-        _write_table(writer)
-        return
-    with capture.global_and_fixture_disabled():  # the table goes to the terminal, not into the capture
-        _write_table(writer)
-
-
-def _write_table(writer) -> None:
-    writer.write_line("")
-    writer.write_sep("=", "l2p_fast models: one training step, upstream-style vs ours")
-    writer.write_line(
-        f"torch threads: {torch.get_num_threads()}; assembly backend (auto): {assembly.resolve('auto', 'cpu')}"
-    )
-    writer.write_line(
-        "| model | batch | upstream-style ms | ours ms | upstream ex/s | ours ex/s | speed-up (per-round median) |"
-    )
-    writer.write_line("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    by_model: dict[str, dict[str, dict]] = {}
-    for row in ROWS:
-        by_model.setdefault(row["model"], {})[row["variant"]] = row
-    for model, variants in by_model.items():
-        up, ours = variants.get("upstream"), variants.get("ours")
-        if up and ours:
-            notes = "; ".join(row["note"] for row in (up, ours) if "note" in row)
-            writer.write_line(
-                f"| {model} | {up['batch']} | {up['ms']:.2f} | {ours['ms']:.2f} | {up['eps']:.1f} | "
-                f"{ours['eps']:.1f} | {ours.get('ratio', up['ms'] / ours['ms']):.2f} |" + (f" {notes}" if notes else "")
-            )
-        for variant, row in variants.items():
-            if variant not in ("upstream", "ours") and up:
-                writer.write_line(
-                    f"| {model} ({variant}) | {row['batch']} | {up['ms']:.2f} | {row['ms']:.2f} | {up['eps']:.1f} | "
-                    f"{row['eps']:.1f} | {row.get('ratio', up['ms'] / row['ms']):.2f} |"
-                )
 
 
 def expand_pos(pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -158,6 +116,14 @@ class UpstreamText(nn.Module):
         ).last_hidden_state
         res["logits"] = self.head(hidden[:, 1 : 1 + self.prompt_len].mean(dim=1))
         return res
+
+
+def assert_same_step_outputs(actual: dict, expected: dict) -> None:
+    """Ours against the upstream-style model on the same weights and inputs: the same prompt ids, and logits and pull
+    term equal up to float rounding (fp32; the two sum in different orders)."""
+    torch.testing.assert_close(actual["prompt_idx"], expected["prompt_idx"], rtol=0, atol=0)
+    torch.testing.assert_close(actual["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual["reduce_sim"], expected["reduce_sim"], rtol=1e-5, atol=1e-6)
 
 
 def train_step(forward, params: list[nn.Parameter], labels: torch.Tensor):
@@ -229,6 +195,10 @@ def test_vit_train_step(benchmark, request, name: str) -> None:
     smoke = smoke_mode(request.config)
     up, ours, images, labels = vit_pair(name, smoke)
     full = all_tokens_twin(ours)
+    with torch.no_grad():  # before any step both compute the same numbers
+        expected = up(images)
+        for variant in (ours, full):
+            assert_same_step_outputs(variant(images), expected)
     benchmark.group = f"train step {name} (upstream-style and ours, interleaved)"
     steps = {
         "upstream": train_step(lambda: up(images), [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()],
@@ -273,6 +243,10 @@ def test_text_train_step(benchmark, request, text_models) -> None:
     up, ours, batch, cache, labels = text_models
     plain = copy.copy(ours)  # shares every module and parameter; only the two switches differ
     plain.packed, plain.final_tokens = False, "all"
+    with torch.no_grad():  # before any step every variant computes the upstream-style numbers
+        expected = up(**batch)
+        for actual in (ours(**batch, cls_features=cache), ours(**batch), plain(**batch, cls_features=cache)):
+            assert_same_step_outputs(actual, expected)
     benchmark.group = "train step minilm (upstream-style and ours, interleaved)"
     steps = {
         "upstream": train_step(lambda: up(**batch), [up.prompt.prompt, up.prompt.prompt_key, *up.head.parameters()],

@@ -12,8 +12,9 @@ import statistics
 import pytest
 import torch
 
-from . import common
-from .conftest import RESULTS
+from . import common, record
+
+RESULTS = record.ROWS["pool"]  # saved to the machine's record at the end of a full run (bench/conftest.py)
 
 # forward: no grad. forward_backward: the L2P training step, x_embed from the frozen patch embedding
 # (gradients to prompt and prompt_key). forward_backward_x: x_embed needs a gradient too.
