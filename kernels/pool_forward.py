@@ -13,7 +13,9 @@ output shapes. Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt le
 import triton
 import triton.language as tl
 
-SQUARED_NORM_EPS: tl.constexpr = 1e-12
+# A module-level constant read inside @triton.jit code must be a tl.constexpr *instance*: the GPU
+# compiler rejects a plain float global (an annotation alone is not enough; the interpreter accepts both).
+SQUARED_NORM_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
