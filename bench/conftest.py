@@ -77,14 +77,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     pool_meta = dict(meta, copy_bandwidth_gbs=common.copy_bandwidth(dev))
     if dev.type == "cpu" and _native.is_built():  # outputs from this size on are written with streaming stores
         pool_meta["cpu_stream_threshold_mb"] = l2p_fast.cpu_stream_threshold() / 2**20
-    path = None
-    for suite, rows in record.ROWS.items():
-        if rows:
-            path = record.write_suite(machine, suite, pool_meta if suite == "pool" else meta, rows)
-    saved = record.load(path)
-    record.update_markdown(saved)
+    saved = record.save_run(machine, {"pool": pool_meta, "models": meta})
     terminalreporter.write_sep("=", f"l2p_fast benchmarks on {machine}")
     pool_rows = record.ROWS["pool"]
     details = record.floor_lines(pool_rows) + record.compile_lines(pool_rows) + record.scatter_lines(pool_rows)
     terminalreporter.write_line(record.compact_tables(saved) + details)
+    path = record.record_path(machine)
     terminalreporter.write_line(f"saved to {path}; tables regenerated in {record.RESULTS_MD}")

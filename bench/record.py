@@ -62,6 +62,21 @@ def load(path: Path) -> dict:
     return record
 
 
+def save_run(machine: str, metas: dict[str, dict], rows: dict[str, list[dict]] | None = None,
+             folder: Path = RESULTS_DIR, markdown: Path = RESULTS_MD) -> dict:
+    """The end of a full run: every suite with rows (``ROWS`` by default) goes into the machine's record with its
+    meta, and the machine's block in ``markdown`` is regenerated. Returns the saved record."""
+    rows = ROWS if rows is None else rows
+    ran = [suite for suite, suite_rows in rows.items() if suite_rows]
+    if not ran:
+        raise ValueError("rows: expected the rows of at least one suite, got none")
+    for suite in ran:
+        path = write_suite(machine, suite, metas[suite], rows[suite], folder)
+    saved = load(path)
+    update_markdown(saved, markdown)
+    return saved
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}" if numerator and denominator else ""
 

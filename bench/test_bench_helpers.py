@@ -142,6 +142,18 @@ def test_write_suite_keeps_the_other_suite_and_replaces_its_own(tmp_path: Path) 
         record.write_suite(machine, "pool", {}, [], folder=tmp_path)
 
 
+def test_save_run_writes_the_record_and_regenerates_the_markdown(tmp_path: Path) -> None:
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text("# Results\n")
+    rows = {"pool": _fake_pool_rows(), "models": []}  # only the pool suite ran
+    saved = record.save_run("cpu-test", {"pool": {"date": "d"}, "models": {}}, rows, folder=tmp_path, markdown=markdown)
+    assert json.loads((tmp_path / "cpu-test.json").read_text()) == saved
+    assert list(saved["suites"]) == ["pool"]
+    assert record.generated_block(markdown.read_text(), "cpu-test") == record.compact_tables(saved)
+    with pytest.raises(ValueError, match="rows"):
+        record.save_run("cpu-test", {}, {"pool": [], "models": []}, folder=tmp_path, markdown=markdown)
+
+
 def test_pool_tables_compute_each_ratio_from_the_rows() -> None:
     text = record.pool_tables(_fake_pool_rows())
     lines = text.splitlines()
