@@ -21,6 +21,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULTS_MD = Path(__file__).parent / "RESULTS.md"
+README_MD = Path(__file__).parent.parent / "README.md"
 ROWS: dict[str, list[dict]] = {"pool": [], "models": []}
 
 MODES = {"forward": "Forward (no grad)", "forward_backward": "L2P step: forward + backward, x_embed frozen",
@@ -63,9 +64,10 @@ def load(path: Path) -> dict:
 
 
 def save_run(machine: str, metas: dict[str, dict], rows: dict[str, list[dict]] | None = None,
-             folder: Path = RESULTS_DIR, markdown: Path = RESULTS_MD) -> dict:
+             folder: Path = RESULTS_DIR, markdown: Path = RESULTS_MD, readme: Path | None = README_MD) -> dict:
     """The end of a full run: every suite with rows (``ROWS`` by default) goes into the machine's record with its
-    meta, and the machine's block in ``markdown`` is regenerated. Returns the saved record."""
+    meta, the machine's block in ``markdown`` is regenerated, and so is its summary block in ``readme`` where it has
+    one. Returns the saved record."""
     rows = ROWS if rows is None else rows
     ran = [suite for suite, suite_rows in rows.items() if suite_rows]
     if not ran:
@@ -74,6 +76,8 @@ def save_run(machine: str, metas: dict[str, dict], rows: dict[str, list[dict]] |
         path = write_suite(machine, suite, metas[suite], rows[suite], folder)
     saved = load(path)
     update_markdown(saved, markdown)
+    if readme is not None:
+        update_readme_summary(saved, readme)
     return saved
 
 
@@ -168,30 +172,93 @@ def compact_tables(record: dict) -> str:
     return "\n\n".join(parts)
 
 
-def _markers(machine: str) -> tuple[str, str]:
-    return f"<!-- generated: {machine} (python -m bench.record) -->", f"<!-- end generated: {machine} -->"
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- generated: {name} (python -m bench.record) -->", f"<!-- end generated: {name} -->"
+
+
+def replace_block(text: str, name: str, content: str) -> str | None:
+    """``text`` with the generated block ``name`` holding ``content``; None when ``text`` has no such block."""
+    begin, end = _markers(name)
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{content}\n{end}{rest.split(end, 1)[1]}"
 
 
 def update_markdown(record: dict, path: Path = RESULTS_MD) -> None:
     """Replace the machine's generated block in ``path`` with ``compact_tables(record)`` (appended, with a heading,
     when the file has no block for it yet)."""
-    begin, end = _markers(record["machine"])
-    block = f"{begin}\n{compact_tables(record)}\n{end}"
+    machine, content = record["machine"], compact_tables(record)
     text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## {record['machine']}\n\n{block}\n"
-    path.write_text(text)
+    replaced = replace_block(text, machine, content)
+    if replaced is None:
+        begin, end = _markers(machine)
+        replaced = text.rstrip("\n") + f"\n\n## {machine}\n\n{begin}\n{content}\n{end}\n"
+    path.write_text(replaced)
 
 
-def generated_block(text: str, machine: str) -> str | None:
-    """The generated tables of ``machine`` in a RESULTS.md text, None when it has no block for it."""
-    begin, end = _markers(machine)
+def update_readme_summary(record: dict, path: Path = README_MD) -> bool:
+    """Replace the README's summary block of this machine (``<machine> summary``) with ``summary_tables(record)``;
+    a machine without a block there is left out (returns False)."""
+    text = path.read_text() if path.exists() else ""
+    replaced = replace_block(text, f"{record['machine']} summary", summary_tables(record))
+    if replaced is None:
+        return False
+    path.write_text(replaced)
+    return True
+
+
+def generated_block(text: str, name: str) -> str | None:
+    """The content of the generated block ``name`` (a machine, or ``<machine> summary``) in a markdown text, None
+    when it has none."""
+    begin, end = _markers(name)
     if begin not in text or end not in text:
         return None
     return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+SUMMARY_SHAPES = ("B16-N196-D768-M10-K5-Lp5-cls", "B64-N196-D768-M10-K5-Lp5-cls", "B128-N196-D768-M10-K5-Lp5-cls")
+
+
+def summary_tables(record: dict, shapes: tuple[str, ...] = SUMMARY_SHAPES) -> str:
+    """The README's short version of a record: for the L2P shapes, the forward and the L2P step of eager, compile and
+    each fused provider (best rounds, paired speed-ups, peak memory), then the models' table when there is one."""
+    parts = []
+    pool = record["suites"].get("pool")
+    if pool:
+        timed = {(r["shape"], r["provider"], r["mode"]): r for r in pool["rows"]}
+        fused = [p for p in dict.fromkeys(r["provider"] for r in pool["rows"] if "min_ms" in r)
+                 if p not in ("eager", "compile", "cpu-nocache", "floor", "floor-reused", "floor-step",
+                              "eager scatter")]  # fmt: skip
+        lines = [f"Prompt pool ({_meta_line(pool['meta'])}):", "",
+                 "| shape | mode | provider | eager ms | compile ms | ms | × eager | × eager, paired "
+                 "| × compile, paired | peak MB: ours (eager) |",
+                 "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        labels = {"forward": "forward", "forward_backward": "L2P step"}
+        for shape in shapes:
+            for mode, label in labels.items():
+                eager, compiled = timed.get((shape, "eager", mode)), timed.get((shape, "compile", mode))
+                for provider in fused:
+                    row = timed.get((shape, provider, mode))
+                    if row is None or eager is None:
+                        continue
+                    paired = timed.get((shape, provider, f"paired_{mode}"), {})
+                    peak = timed.get((shape, provider, f"peak_{mode}"), {}).get("bytes")
+                    peak_eager = timed.get((shape, "eager", f"peak_{mode}"), {}).get("bytes")
+                    lines.append(_row_line([
+                        shape, label, provider, f"{eager['min_ms']:.3f}",
+                        f"{compiled['min_ms']:.3f}" if compiled else "", f"{row['min_ms']:.3f}",
+                        _ratio(eager["min_ms"], row["min_ms"]),
+                        f"{paired['ratio']:.2f}" if "ratio" in paired else "",
+                        f"{paired['over_compile']:.2f}" if "over_compile" in paired else "",
+                        f"{peak / 1e6:.1f} ({peak_eager / 1e6:.1f})" if peak and peak_eager else "",
+                    ]))  # fmt: skip
+        parts.append("\n".join(lines))
+    models = record["suites"].get("models")
+    if models:
+        parts.append(f"Training step of the prompted models ({_meta_line(models['meta'])}):\n\n"
+                     f"{model_table(models['rows'])}")  # fmt: skip
+    return "\n\n".join(parts)
 
 
 # --- lines printed under the pool's table at the end of a full run (the details stay in the record) ---
@@ -242,12 +309,15 @@ def scatter_lines(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m bench.record [RECORD.json ...]``: regenerate the blocks of bench/RESULTS.md from the records
-    (every file in bench/results/ by default)."""
+    """``python -m bench.record [RECORD.json ...]``: regenerate the blocks of bench/RESULTS.md and the README's summary
+    blocks from the records (every file in bench/results/ by default)."""
     paths = [Path(arg) for arg in argv] or sorted(RESULTS_DIR.glob("*.json"))
     for path in paths:
-        update_markdown(load(path))
+        saved = load(path)
+        update_markdown(saved)
         print(f"{RESULTS_MD}: tables of {path.name} regenerated")
+        if update_readme_summary(saved):
+            print(f"{README_MD}: summary of {path.name} regenerated")
     return 0
 
 

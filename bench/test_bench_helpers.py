@@ -146,12 +146,13 @@ def test_save_run_writes_the_record_and_regenerates_the_markdown(tmp_path: Path)
     markdown = tmp_path / "RESULTS.md"
     markdown.write_text("# Results\n")
     rows = {"pool": _fake_pool_rows(), "models": []}  # only the pool suite ran
-    saved = record.save_run("cpu-test", {"pool": {"date": "d"}, "models": {}}, rows, folder=tmp_path, markdown=markdown)
+    saved = record.save_run("cpu-test", {"pool": {"date": "d"}, "models": {}}, rows, folder=tmp_path, markdown=markdown,
+                            readme=None)
     assert json.loads((tmp_path / "cpu-test.json").read_text()) == saved
     assert list(saved["suites"]) == ["pool"]
     assert record.generated_block(markdown.read_text(), "cpu-test") == record.compact_tables(saved)
     with pytest.raises(ValueError, match="rows"):
-        record.save_run("cpu-test", {}, {"pool": [], "models": []}, folder=tmp_path, markdown=markdown)
+        record.save_run("cpu-test", {}, {"pool": [], "models": []}, folder=tmp_path, markdown=markdown, readme=None)
 
 
 def test_pool_tables_compute_each_ratio_from_the_rows() -> None:
@@ -183,12 +184,35 @@ def test_compact_tables_of_a_record_and_the_block_in_markdown(tmp_path: Path) ->
     assert "| vit | 16 | 20.00 | 10.00 |" in record.generated_block(content, "cpu-test")
 
 
-def test_results_md_tables_are_generated_from_the_records() -> None:
-    """Every record in bench/results/ has its block in bench/RESULTS.md, equal to the tables made from it."""
+def test_summary_tables_give_the_l2p_shapes_of_each_fused_provider(tmp_path: Path) -> None:
+    rows = [{**row, "shape": "B16-N196-D768-M10-K5-Lp5-cls"} for row in _fake_pool_rows()]
+    saved = {"machine": "cpu-test", "suites": {"pool": {"meta": {"date": "d"}, "rows": rows}}}
+    lines = record.summary_tables(saved).splitlines()
+    assert "| B16-N196-D768-M10-K5-Lp5-cls | forward | cpu | 2.000 | 1.000 | 0.500 | 4.00 | 3.50 | 1.50 |  |" in lines
+    assert "| B16-N196-D768-M10-K5-Lp5-cls | L2P step | cpu | 3.000 |  | 0.750 | 4.00 |  |  |  |" in lines
+    assert not any("| eager |" in line or "floor" in line for line in lines)  # fused providers only
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n")
+    assert not record.update_readme_summary(saved, readme)  # no block for this machine: left alone
+    assert readme.read_text() == "intro\n"
+    readme.write_text("intro\n<!-- generated: cpu-test summary (python -m bench.record) -->\n"
+                      "<!-- end generated: cpu-test summary -->\nend\n")  # fmt: skip
+    assert record.update_readme_summary(saved, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nend\n")
+    assert record.generated_block(text, "cpu-test summary") == record.summary_tables(saved)
+
+
+def test_results_md_and_readme_tables_are_generated_from_the_records() -> None:
+    """Every record in bench/results/ has its block in bench/RESULTS.md, equal to the tables made from it, and the
+    README's summary blocks equal the summaries of their records."""
     paths = sorted(record.RESULTS_DIR.glob("*.json"))
     assert paths, "no benchmark record in bench/results/"
-    text = record.RESULTS_MD.read_text()
+    text, readme = record.RESULTS_MD.read_text(), record.README_MD.read_text()
     for path in paths:
         saved = record.load(path)
         assert record.generated_block(text, saved["machine"]) == record.compact_tables(saved), (
             f"bench/RESULTS.md is out of date for {path.name}: run `python -m bench.record`")
+        summary = record.generated_block(readme, f"{saved['machine']} summary")
+        assert summary in (None, record.summary_tables(saved)), (
+            f"README.md's summary is out of date for {path.name}: run `python -m bench.record`")
