@@ -1,7 +1,9 @@
 """The ``l2p-fast`` command line: ``train`` one method, or ``compare`` several on one benchmark.
 
-Every argument is checked (names, numbers, the output folder) before any data or model is loaded;
-a bad one ends the command with ``l2p-fast: error: ...`` and exit status 2.
+Every argument is checked (names, numbers, the output folder, the backend on this machine) before
+any data or model is loaded. Every failure, then or later (bad data, a corrupt checkpoint, a
+diverged run, a full disk), ends the command with one line ``l2p-fast: error: ...`` and exit status
+2, never a traceback; Ctrl-C ends it with status 130 and a hint to ``--resume``.
 """
 
 from __future__ import annotations
@@ -82,47 +84,57 @@ def config_from_args(args: argparse.Namespace, method: str) -> Any:
     return RunConfig(**{**values, "method": method})
 
 
+def error_line(error: BaseException) -> str:
+    """One readable line for ``error``: its message, or its type when the message is empty."""
+    message = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.strerror:
+        message = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    if isinstance(error, ValueError | TypeError | RuntimeError) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Check everything that can be checked before loading, then train or compare (raises on failure)."""
+    from .continual.compare import compare, parse_methods
+    from .continual.config import resolve
+    from .continual.output import ensure_writable_dir
+    from .continual.report import comparison_table, write_run_plots
+    from .continual.trainer import Trainer, check_backend, pick_device
+
+    if args.command == "train":
+        config = resolve(config_from_args(args, args.method))
+        ensure_writable_dir(args.output, "output")
+        results = Trainer(config, args.output, resume=args.resume).run()
+        write_run_plots(results, args.output)
+        print(comparison_table([results]))
+        return
+    methods = parse_methods(args.methods)
+    config = config_from_args(args, methods[0])
+    for name in methods:
+        resolved = resolve(config_from_args(args, name))
+        check_backend(resolved, pick_device(resolved.device))
+    ensure_writable_dir(args.output, "output")
+    results = compare(methods, config, args.output, resume=args.resume)
+    print()
+    print(comparison_table(results))
+    print(f"\nresults, plots and checkpoints in {args.output}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``l2p-fast`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .continual.checkpoint import CheckpointError
-    from .continual.compare import compare, parse_methods
-    from .continual.config import resolve
-    from .continual.output import ensure_writable_dir
-    from .continual.report import comparison_table, write_run_plots
-    from .continual.trainer import Trainer
-
     try:
-        if args.command == "train":
-            config = resolve(config_from_args(args, args.method))
-            ensure_writable_dir(args.output, "output")
-            trainer = Trainer(config, args.output, resume=args.resume)
-        else:
-            methods = parse_methods(args.methods)
-            config = config_from_args(args, methods[0])
-            for name in methods:
-                resolve(config_from_args(args, name))
-            ensure_writable_dir(args.output, "output")
-    except (ValueError, TypeError) as error:
-        parser.exit(2, f"l2p-fast: error: {error}\n")
-    try:
-        if args.command == "train":
-            results = trainer.run()
-            write_run_plots(results, args.output)
-            print(comparison_table([results]))
-        else:
-            results = compare(methods, config, args.output, resume=args.resume)
-            print()
-            print(comparison_table(results))
-            print(f"\nresults, plots and checkpoints in {args.output}")
-    except (CheckpointError, ValueError) as error:
-        parser.exit(2, f"l2p-fast: error: {error}\n")
+        run_command(args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - every failure ends in one readable line, never a traceback
+        logging.getLogger(__name__).debug("l2p-fast failed", exc_info=True)
+        parser.exit(2, f"l2p-fast: error: {error_line(error)}\n")
     return 0
 
 

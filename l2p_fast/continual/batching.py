@@ -74,6 +74,24 @@ class Pool:
             items.append(x if isinstance(x, Tensor) else torch.as_tensor(x))
         return torch.stack(items).float().to(device)
 
+    def describe(self, indices: Tensor, limit: int = 8) -> str:
+        """Readable names of the items ``indices`` (at most ``limit``): pool index plus file name, data-set
+        row or the start of the text, for error messages."""
+        names = []
+        for i in indices[:limit].tolist():
+            if self.texts is not None:
+                names.append(f"#{i} {self.texts[i][:40]!r}")
+            elif self.sources is not None:
+                task = int(self.tasks[i])
+                source = self.sources[task]
+                j = i - self.offsets[task]
+                describe = getattr(source, "describe", None)
+                names.append(f"#{i} ({describe(j) if describe is not None else f'task {task} item {j}'})")
+            else:
+                names.append(f"#{i}")
+        more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
+        return ", ".join(names) + more
+
     def fingerprint(self) -> str:
         """SHA-1 of the content (token ids / labels), for the feature cache's file name."""
         digest = hashlib.sha1(self.labels.numpy().tobytes())

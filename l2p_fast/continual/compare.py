@@ -11,9 +11,9 @@ from typing import Any
 
 from .backbones import Backbone, load_backbone
 from .config import METHODS, RunConfig, resolve
-from .output import ensure_writable_dir, write_json
+from .output import ensure_writable_dir, refuse_earlier_run, run_lock, write_json
 from .report import comparison_table, write_comparison_plots, write_run_plots
-from .trainer import RESULTS_NAME, Trainer, load_run_benchmark
+from .trainer import RESULTS_NAME, Trainer, check_backend, load_run_benchmark, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,21 @@ def compare(
     Writes ``output/<method>/results.json`` (and that run's plots), ``output/comparison.json``,
     ``output/comparison.md`` and ``output/average_accuracy.png``. Every config is checked before the
     first run starts. With ``resume``, finished methods are read back and unfinished ones resumed.
+    ``output`` is locked for the comparison's lifetime and refused when it holds an earlier run
+    without ``resume`` (see :mod:`.output`).
     """
     names = parse_methods(methods)
     configs = {name: resolve(replace(config, method=name)) for name in names}
+    for name in names:
+        check_backend(configs[name], pick_device(configs[name].device))
     root = ensure_writable_dir(output, "output")
+    refuse_earlier_run(root, resume)
+    with run_lock(root):
+        return _compare(names, configs, root, resume, backbone, plots)
+
+
+def _compare(names: list[str], configs: dict[str, RunConfig], root: Path, resume: bool, backbone: Backbone | None,
+             plots: bool) -> list[dict[str, Any]]:
     first = configs[names[0]]
     benchmark = load_run_benchmark(first)
     if backbone is None:
@@ -60,8 +71,13 @@ def compare(
         folder = root / name.replace("+", "_")
         done = folder / RESULTS_NAME
         if resume and done.exists():
-            previous = json.loads(done.read_text())
-            if RunConfig.from_dict(previous["config"]).fingerprint() == configs[name].fingerprint():
+            try:
+                previous = json.loads(done.read_text())
+                fingerprint = RunConfig.from_dict(previous["config"]).fingerprint()
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"output: cannot read the finished results {done} ({error}); delete the file to "
+                                 "train that method again") from error
+            if fingerprint == configs[name].fingerprint():
                 log.info("%s: already finished, reading %s", name, done)
                 results.append(previous)
                 continue

@@ -9,13 +9,23 @@ far, all seen classes competing (SPEC §5, §7). ``joint`` is one phase over all
 A checkpoint is written every ``checkpoint_every`` steps and after every task; ``resume=True``
 continues from it and ends with exactly the numbers an uninterrupted run gives: batch orders and
 replay draws come from generators seeded by (seed, task, epoch, step), and the optimiser, method
-state and global RNG state are restored.
+state and global RNG state are restored. A checkpoint is verified and checked against the run's
+plan before use (:mod:`.checkpoint`).
+
+Guards, all off the arithmetic of a normal run: the output folder is locked for the run's lifetime
+and refused when it holds an earlier run without ``resume`` (:mod:`.output`); the backend and the
+inputs' shape are checked before any training; and the first non-finite loss or gradient norm stops
+the run with :class:`NonFiniteLossError` before the optimiser step, so parameters and the checkpoint
+on disk keep the last finite state. That check reads the loss value the progress bar shows anyway
+(one host sync per step, which the methods' logged loss parts already cost) and the gradient norm
+that clipping computes (without clipping, one extra norm over the gradients).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,15 +40,19 @@ from . import metrics
 from .backbones import Backbone, load_backbone
 from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .benchmarks import ContinualBenchmark, get_benchmark
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from .config import RunConfig, resolve
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_run_state, load_checkpoint, save_checkpoint
+from .config import PROMPT_METHODS, RunConfig, resolve
 from .features import cached_features
 from .methods import Method, TaskEnd, make_method
-from .output import ensure_writable_dir, write_json
+from .output import OutputError, ensure_writable_dir, refuse_earlier_run, run_lock, write_json
 
 log = logging.getLogger(__name__)
 RESULTS_NAME = "results.json"
 StepHook = Callable[[int], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; raised before the optimiser step applies it."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,36 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_backend(config: RunConfig, device: torch.device) -> None:
+    """``ValueError`` when a prompt method asks for a pool backend that cannot run on ``device`` here."""
+    if config.method not in PROMPT_METHODS or config.backend == "auto":
+        return
+    from .. import dispatch
+
+    reason = dispatch.unavailable_reason(config.backend, device.type)
+    if reason is not None:
+        raise ValueError(
+            f"backend: {config.backend!r} cannot run on the {device.type} device here ({reason}); available: "
+            f"{['auto', *dispatch.available_backends(device.type)]}"
+        )
+
+
+def check_inputs(benchmark: ContinualBenchmark, backbone: Backbone) -> None:
+    """``ValueError`` when an image benchmark's inputs are not the (3, H, W) images the ViT backbone takes."""
+    if benchmark.modality == "text":
+        return
+    size = getattr(getattr(backbone.model, "patch_embed", None), "img_size", None)
+    expected = (3, *size) if size is not None else None
+    x = benchmark.train[0][0][0]
+    shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+    if not hasattr(x, "shape") or len(shape) != 3 or shape[0] != 3 or (expected is not None and shape != expected):
+        raise ValueError(
+            f"data: benchmark {benchmark.name!r} gives inputs of shape {shape}; the backbone {backbone.name!r} "
+            f"takes images of shape {expected or '(3, H, W)'} (image_folder converts and resizes its images; "
+            "tensor_file images are used as stored: give 3-channel images of --image-size)"
+        )
+
+
 def class_mask(kind: str, benchmark: ContinualBenchmark, tasks: tuple[int, ...], device: torch.device) -> Tensor:
     """Bool (C,) of the classes allowed in the loss: the phase's ('task'), all seen ('seen') or all ('all')."""
     mask = torch.zeros(benchmark.num_classes, dtype=torch.bool, device=device)
@@ -143,11 +187,15 @@ class Trainer:
         self.device = pick_device(self.config.device)
         self._backbone = backbone
         self._benchmark = benchmark
-        checkpoint = self.output / CHECKPOINT_NAME
-        if checkpoint.exists() and not resume:
-            raise CheckpointError(
-                f"output: {self.output} already holds a checkpoint of a run; pass --resume to continue it, "
-                "or choose another --output"
+        self._check_folder()
+        check_backend(self.config, self.device)
+
+    def _check_folder(self) -> None:
+        refuse_earlier_run(self.output, self.resume)
+        if self.resume and (self.output / RESULTS_NAME).exists() and not (self.output / CHECKPOINT_NAME).exists():
+            raise OutputError(
+                f"output: {self.output} holds the results of a finished run but no {CHECKPOINT_NAME} to resume "
+                "from; choose another --output, or delete its results.json to train again"
             )
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -162,6 +210,7 @@ class Trainer:
                 f"backbone: benchmark {cfg.benchmark!r} needs a {kind} backbone, got a {self._backbone.kind} one"
             )
         self.backbone = self._backbone
+        check_inputs(self.benchmark, self.backbone)
         self.backbone_fingerprint = self.backbone.fingerprint()
         self.train_pool = build_pool(self.benchmark, "train", self.backbone.tokenizer, cfg.max_length)
         self.test_pool = build_pool(self.benchmark, "test", self.backbone.tokenizer, cfg.max_length)
@@ -196,7 +245,8 @@ class Trainer:
         try:
             if self.config.num_threads is not None:
                 torch.set_num_threads(self.config.num_threads)
-            with deterministic(self.device):
+            with run_lock(self.output), deterministic(self.device):
+                self._check_folder()
                 return self._run()
         finally:
             torch.set_num_threads(threads)
@@ -215,8 +265,14 @@ class Trainer:
         elapsed = {"train": 0.0, "eval": 0.0, "setup": 0.0, "examples": 0}
         optimizer_state = None
         checkpoint_path = self.output / CHECKPOINT_NAME
+        sizes = [len(self.train_pool.task_indices(list(p.train_tasks))) for p in self.phases]
         if self.resume and checkpoint_path.exists():
             state = load_checkpoint(checkpoint_path, cfg.fingerprint(), self.backbone_fingerprint)
+            check_run_state(
+                state, checkpoint_path, batches_per_epoch=[math.ceil(n / cfg.batch_size) for n in sizes],
+                epochs=cfg.epochs, evaluated_tasks=[p.eval_tasks for p in self.phases], num_tasks=num_tasks,
+                pool_size=cfg.pool_size,
+            )
             try:
                 self.method.load_model_state(state["model"])
                 self.method.load_state_dict(state["method"])
@@ -235,7 +291,6 @@ class Trainer:
             log.info("no checkpoint in %s: starting from the beginning", self.output)
         elapsed["setup"] += time.perf_counter() - started
 
-        sizes = [len(self.train_pool.task_indices(list(p.train_tasks))) for p in self.phases]
         total = sum(sizes) * cfg.epochs
         done = sum(sizes[: position["phase"]]) * cfg.epochs + sizes[min(position["phase"], len(sizes) - 1)] * (
             position["epoch"] if position["phase"] < len(sizes) else 0
@@ -268,7 +323,7 @@ class Trainer:
             mask = class_mask(cfg.train_mask, self.benchmark, phase.train_tasks, self.device)
             optimizer = self._new_optimizer()
             if optimizer_state and p == position["phase"] and (position["epoch"] or position["step"]):
-                optimizer.load_state_dict(optimizer_state)
+                restore_optimizer(optimizer, optimizer_state, checkpoint_path)
             indices = self.train_pool.task_indices(list(phase.train_tasks))
             first_epoch = position["epoch"] if p == position["phase"] else 0
             for epoch in range(first_epoch, cfg.epochs):
@@ -288,10 +343,19 @@ class Trainer:
                         batch = torch.cat([batch, replay])
                     out = self._forward(batch, phase.task_id, True, self.train_pool, self.train_cache)
                     loss, parts = self.method.loss(out, labels[batch.to(self.device)], mask)
+                    where = (p, epoch, step, len(batches), batch)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise self._non_finite(f"loss {loss_value}", *where)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    params = self.method.trainable_parameters()
                     if cfg.clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(self.method.trainable_parameters(), cfg.clip_grad)
+                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    else:
+                        norm = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+                    if not bool(torch.isfinite(norm)):
+                        raise self._non_finite(f"gradient norm {float(norm)}", *where)
                     optimizer.step()
                     if "prompt_idx" in out:
                         current = out["prompt_idx"][: len(batches[step])].flatten().cpu()
@@ -300,7 +364,7 @@ class Trainer:
                     position["global_step"] += 1
                     elapsed["examples"] += len(batches[step])
                     bar.update(len(batches[step]))
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
                     if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0:
                         elapsed["train"] += time.perf_counter() - tick
                         tick = time.perf_counter()
@@ -326,6 +390,17 @@ class Trainer:
         results = self._results(rows, counts_train, counts_test, elapsed)
         write_json(self.output / RESULTS_NAME, results)
         return results
+
+    def _non_finite(self, what: str, phase: int, epoch: int, step: int, steps: int,
+                    batch: Tensor) -> NonFiniteLossError:
+        checkpoint = self.output / CHECKPOINT_NAME
+        kept = f"the last checkpoint ({checkpoint}) holds the state before it" if checkpoint.exists() else \
+            "no checkpoint was written yet"
+        return NonFiniteLossError(
+            f"training diverged: non-finite {what} in task {phase + 1} of {len(self.phases)}, epoch {epoch + 1} of "
+            f"{self.config.epochs}, step {step + 1} of {steps}; batch items: {self.train_pool.describe(batch)}. "
+            f"The optimiser step was not taken and {kept}. Check these items for NaN/inf values, or lower --lr."
+        )
 
     def _loss_on(self, phase: Phase, mask: Tensor) -> Callable[[Tensor], Tensor]:
         labels = self.train_pool.labels.to(self.device)
@@ -405,6 +480,26 @@ class Trainer:
         if self.method.buffer is not None:
             results["buffer_size"] = len(self.method.buffer)
         return results
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's optimiser state, checking hyper-parameters and per-parameter tensor shapes."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this run ({error})") from error
+    loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    if loaded != fresh:
+        raise CheckpointError(f"checkpoint {path}: optimiser settings {loaded} differ from this run's {fresh}")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"checkpoint {path}: optimiser tensor {name!r} has shape {tuple(value.shape)}, its parameter "
+                        f"{tuple(param.shape)}"
+                    )
 
 
 def train(config: RunConfig, output: str | Path, **kwargs: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The replay buffer and the checkpoint file format."""
+"""The class-balanced replay buffer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from l2p_fast.continual.batching import generator
-from l2p_fast.continual.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2p_fast.continual.methods import ReplayBuffer
 
 
@@ -28,29 +27,3 @@ def test_buffer_is_class_balanced_and_round_trips():
     with pytest.raises(ValueError, match="per_class"):
         ReplayBuffer(0)
     assert len(ReplayBuffer(2).sample(4, generator(0))) == 0
-
-
-def test_checkpoint_round_trip_and_errors(tmp_path):
-    state = {
-        "config_fingerprint": "c1", "backbone_fingerprint": "b1", "position": {"phase": 1}, "model": {"w": torch.ones(2)},
-        "optimizer": {}, "method": {"buffer": None},
-    }
-    path = save_checkpoint(tmp_path / "ck.pt", state)
-    assert not (tmp_path / "ck.pt.tmp").exists()
-    loaded = load_checkpoint(path, "c1", "b1")
-    assert torch.equal(loaded["model"]["w"], torch.ones(2)) and loaded["position"] == {"phase": 1}
-    with pytest.raises(CheckpointError, match="another configuration"):
-        load_checkpoint(path, "c2", "b1")
-    with pytest.raises(CheckpointError, match="other backbone"):
-        load_checkpoint(path, "c1", "b2")
-    torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="expected format"):
-        load_checkpoint(tmp_path / "other.pt", "c1", "b1")
-    data = path.read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(tmp_path / "cut.pt", "c1", "b1")
-    # objects that weights_only refuses are an error, never executed
-    torch.save({"format": "x", "evil": object}, tmp_path / "pickle.pt")
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(tmp_path / "pickle.pt", "c1", "b1")

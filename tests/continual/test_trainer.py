@@ -11,6 +11,7 @@ from conftest import tiny_config
 from l2p_fast.continual import metrics
 from l2p_fast.continual.checkpoint import CHECKPOINT_NAME, CheckpointError
 from l2p_fast.continual.config import METHODS
+from l2p_fast.continual.output import OutputError
 from l2p_fast.continual.trainer import Trainer, class_mask, phases_of, train
 
 
@@ -95,7 +96,7 @@ def test_resume_reproduces_uninterrupted_run(method, stop, tiny_backbone, tmp_pa
 def test_existing_checkpoint_needs_resume(tiny_backbone, tmp_path):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     train(cfg, tmp_path, backbone=tiny_backbone)
-    with pytest.raises(CheckpointError, match="--resume"):
+    with pytest.raises(OutputError, match="already holds an earlier run .*checkpoint.pt.*--resume"):
         Trainer(cfg, tmp_path, backbone=tiny_backbone)
     # a finished run resumes to the same results without training again
     again = Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone).run()

@@ -9,6 +9,7 @@ order**, so with ``C`` classes per task, task ``t`` owns labels ``t*C .. t*C + C
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,11 @@ class LabelledSubset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         item = self.source[self.indices[i]]
         return item[0], self.targets[i]
+
+    def describe(self, i: int) -> str:
+        """A readable name of item ``i`` (its file, or its row in the source) for error messages."""
+        describe = getattr(self.source, "describe", None)
+        return describe(self.indices[i]) if describe is not None else f"source item {self.indices[i]}"
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,15 @@ def dataset_labels(dataset: Any) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
+def check_class_names(source: str, class_names: Any) -> None:
+    """``ValueError`` unless ``class_names`` is a list or tuple of distinct strings (a string is refused)."""
+    if not isinstance(class_names, list | tuple) or not all(isinstance(c, str) for c in class_names):
+        raise ValueError(f"{source}: classes must be a list of class-name strings, got {class_names!r}"[:300])
+    repeated = sorted(c for c, n in Counter(class_names).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{source}: class names must be distinct, {repeated} appear more than once")
+
+
 def build_benchmark(
     name: str,
     class_names: Sequence[str],
@@ -170,7 +185,11 @@ def build_benchmark(
     train_labels: Sequence[int] | None = None,
     test_labels: Sequence[int] | None = None,
 ) -> ContinualBenchmark:
-    """Split ``train_source`` / ``test_source`` into tasks with labels remapped to class-order positions."""
+    """Split ``train_source`` / ``test_source`` into tasks with labels remapped to class-order positions.
+
+    ``class_names`` must be distinct strings (a ``ValueError`` names the repeated ones).
+    """
+    check_class_names(name, class_names)
     order = list(class_order)
     tasks = split_tasks(order, classes_per_task)
     position = {c: p for p, c in enumerate(order)}

@@ -3,9 +3,16 @@
 ``image_folder(root)`` accepts ``root/<class>/*.png`` (split into train/test by a fixed seeded
 fraction per class) or ``root/train/<class>/...`` + ``root/test/<class>/...``.
 
+Image files of any size and colour mode are converted to RGB and resized by the transforms
+(:mod:`.transforms`); a file that cannot be decoded (empty, garbled, not an image, truncated) is a
+``ValueError`` naming it, when it is first read.
+
 ``tensor_file(path)`` accepts a ``.pt``/``.pth`` holding
 ``{"train": {"x": Tensor[N, ...], "y": Tensor[N]}, "test": {...}, "classes": [...] (optional)}``
-or a text file in the JSON / JSON-lines format of :mod:`.text`.
+or a text file in the JSON / JSON-lines format of :mod:`.text`. ``y``: integer labels (not bool).
+``x``: floating point, used as stored, or uint8, scaled to [0, 1] (divided by 255) when read; other
+dtypes are refused. Images are used as stored (not resized): the trainer checks they are
+``3 x H x W`` of the backbone's size. ``classes``: a list of distinct names.
 """
 
 from __future__ import annotations
@@ -50,25 +57,44 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            image = img.convert("RGB")
+        try:
+            with Image.open(self.paths[i]) as img:
+                image = img.convert("RGB")
+        except Exception as error:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
+            raise ValueError(
+                f"image_folder: cannot read image {str(self.paths[i])!r} ({type(error).__name__}: {error}); "
+                "remove or replace the file"
+            ) from error
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[i]
 
+    def describe(self, i: int) -> str:
+        """The file of item ``i``."""
+        return str(self.paths[i])
+
 
 class TensorPairDataset(Dataset):
-    """Rows of ``x`` with integer labels ``y``; items are ``(x[i], int(y[i]))``."""
+    """Rows of ``x`` with integer labels ``y``; items are ``(x[i], int(y[i]))``, uint8 rows as float32 / 255.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    ``origin`` names the data in messages (e.g. ``"data.pt train"``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, origin: str = "tensor") -> None:
         self.x = x
         self.targets = [int(v) for v in y.tolist()]
+        self.origin = origin
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], self.targets[i]
+        row = self.x[i]
+        return (row.float() / 255 if row.dtype == torch.uint8 else row), self.targets[i]
+
+    def describe(self, i: int) -> str:
+        """Item ``i`` as ``origin row i``."""
+        return f"{self.origin} row {i}"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -184,7 +210,14 @@ def tensor_file(
     if path.suffix not in (".pt", ".pth"):
         raise ValueError(f"tensor_file: unsupported file type {path.name!r}; use .pt/.pth or {TEXT_SUFFIXES}")
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file becomes one clear error
+        lines = str(error).splitlines()
+        raise ValueError(
+            f"tensor_file: cannot read {str(path)!r} as a torch file ({type(error).__name__}: "
+            f"{lines[0][:200] if lines else ''})"
+        ) from error
     if not isinstance(obj, dict):
         raise ValueError(f"tensor_file: {path.name} must hold a dict with 'train' and 'test'")
     parts = {}
@@ -197,18 +230,25 @@ def tensor_file(
         ):
             raise ValueError(f"tensor_file: {path.name} needs {split!r}: {{'x': Tensor, 'y': Tensor}}")
         x, y = part["x"], part["y"]
-        if y.dim() != 1 or len(x) != len(y) or y.is_floating_point() or y.is_complex():
+        bad_y = y.is_floating_point() or y.is_complex() or y.dtype == torch.bool
+        if x.dim() == 0 or y.dim() != 1 or len(x) != len(y) or bad_y:
             raise ValueError(
-                f"tensor_file: {split} y must be a 1-D integer tensor with one label per row of x "
+                f"tensor_file: {split} y must be a 1-D integer (not bool) tensor with one label per row of x "
                 f"(x {tuple(x.shape)}, y {tuple(y.shape)} {y.dtype})"
+            )
+        if not (x.is_floating_point() or x.dtype == torch.uint8):
+            raise ValueError(
+                f"tensor_file: {split} x must be floating point (used as stored) or uint8 (scaled to [0, 1]), "
+                f"got {x.dtype}"
             )
         if len(y) and int(y.min()) < 0:
             raise ValueError(f"tensor_file: {split} labels must be non-negative")
-        parts[split] = TensorPairDataset(x, y)
+        parts[split] = TensorPairDataset(x, y, f"{path.name} {split}")
     num = max(max(p.targets, default=-1) for p in parts.values()) + 1
-    classes = (
-        [str(c) for c in obj["classes"]] if obj.get("classes") is not None else [str(i) for i in range(num)]
-    )
+    names = obj.get("classes")
+    if names is not None and (not isinstance(names, list | tuple) or not all(isinstance(c, str) for c in names)):
+        raise ValueError(f"tensor_file: 'classes' must be a list of class-name strings, got {names!r}"[:300])
+    classes = list(names) if names is not None else [str(i) for i in range(num)]
     if num > len(classes):
         raise ValueError(f"tensor_file: label {num - 1} but only {len(classes)} class names")
     order = resolve_class_order(classes, class_order, seed)

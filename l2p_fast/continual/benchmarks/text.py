@@ -8,7 +8,9 @@ JSON text format (``.json``, ``.json.gz``)::
      "test":  [...]}
 
 JSON-lines format (``.jsonl``): one ``{"text": ..., "label": ..., "split": "train"|"test"}`` per line.
-Labels are integer ids or class-name strings.
+Labels are integer ids or class-name strings (not bools); ``classes`` is a list of distinct names.
+Anything else (a top-level list, a line without ``label``, unreadable JSON) is a ``ValueError``
+naming the file (and line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .base import ContinualBenchmark, build_benchmark, resolve_class_order
+from .base import ContinualBenchmark, build_benchmark, check_class_names, resolve_class_order
 
 WORDNET20_RESOURCE = "wordnet20.json.gz"
 
@@ -46,24 +48,48 @@ class TextDataset(Dataset):
 def load_text_json(path: str | Path) -> dict[str, Any]:
     """Read a ``.json``, ``.json.gz`` or ``.jsonl`` text file into the JSON text format dict."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text data: {str(path)!r} is not a file")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            obj: dict[str, Any] = {"train": [], "test": []}
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                split = rec.get("split")
-                if split not in ("train", "test"):
-                    raise ValueError(f"{path}:{n}: 'split' must be 'train' or 'test', got {split!r}")
-                obj[split].append([rec["text"], rec["label"]])
-            return obj
-        return json.load(f)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                return _read_jsonl(f, path)
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as error:
+        raise ValueError(f"text data: cannot read {str(path)!r} as JSON ({type(error).__name__}: {error})") from error
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"text data: {str(path)!r} must hold a JSON object with 'train' and 'test' lists, got a "
+            f"{type(obj).__name__}"
+        )
+    return obj
+
+
+def _read_jsonl(lines: Any, path: Path) -> dict[str, Any]:
+    obj: dict[str, Any] = {"train": [], "test": []}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{n}: not a JSON line ({error})") from error
+        if not isinstance(rec, dict) or "text" not in rec or "label" not in rec:
+            raise ValueError(
+                f"{path}:{n}: expected an object with 'text', 'label' and 'split', got {line.strip()[:200]}"
+            )
+        split = rec.get("split")
+        if split not in ("train", "test"):
+            raise ValueError(f"{path}:{n}: 'split' must be 'train' or 'test', got {split!r}")
+        obj[split].append([rec["text"], rec["label"]])
+    return obj
 
 
 def text_splits(obj: dict[str, Any], source: str = "text data") -> tuple[list[str], TextDataset, TextDataset]:
     """Class names and train/test :class:`TextDataset` from a JSON text format dict."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a dict with 'train' and 'test' lists, got a {type(obj).__name__}")
     for split in ("train", "test"):
         if not isinstance(obj.get(split), list):
             raise ValueError(f"{source}: needs a list under {split!r}")
@@ -79,6 +105,7 @@ def text_splits(obj: dict[str, Any], source: str = "text data") -> tuple[list[st
             classes = [str(i) for i in range(max(raw_labels) + 1)]
         else:
             raise ValueError(f"{source}: labels mix ids and names; give 'classes' or use one kind")
+    check_class_names(source, classes)
     index = {name: i for i, name in enumerate(classes)}
 
     def label_id(y: Any) -> int:
@@ -139,6 +166,8 @@ def wordnet20(
     (built by ``scripts/build_wordnet20.py``; licence in ``data/WORDNET_LICENSE.txt``).
     ``train_per_class`` / ``test_per_class`` keep only the first n examples per class (quick runs).
     """
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"data: wordnet20 reads a JSON text file from --data, but {str(path)!r} is not a file")
     if path is None:
         resource = resources.files("l2p_fast.continual").joinpath("data", WORDNET20_RESOURCE)
         with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
