@@ -1,31 +1,113 @@
-"""Input factories and tolerances shared by the tests and the benchmarks.
+"""Input factories, backend/device pairs and tolerances shared by the tests and the benchmarks.
 
 Random inputs are fresh per call (never zeros or constants); sizes include odd ones (D=123, N=97),
 B=1, K=1, K=M; views can be non-contiguous; keys can be duplicated to force exact similarity ties.
 Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
+
+Tolerances follow flash-attention's rule: a backend's error against an fp64 reference may be at
+most twice the error of the reference itself computed in the same precision, plus a small floor
+chosen by each tensor's own dtype (``assert_close_to_truth``). Gathered / prepended values are
+copies and are compared bit-exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .pool import FusedPromptPool
 from .reference import EMBEDDING_KEYS
 
-# Tolerances for similarity-derived values of a kernel vs the reference run in the same dtype.
-# Gathered / prepended values are copies and are compared bit-exactly.
+# Kernel vs the reference run in the same dtype, for tests that have no fp64 truth at hand.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-12},
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
     torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
     torch.float16: {"rtol": 2e-3, "atol": 2e-3},
 }
+# Absolute floor of the flash-attention rule per tensor dtype, relative to max(1, max|truth|): a few ulps of
+# the dtype, so that an error both runs get by chance (a differently ordered sum) cannot fail the rule.
+ERROR_FLOORS: dict[torch.dtype, float] = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-2,
+    torch.float16: 2e-3,
+}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUTPUT_KEYS = ("prompt_norm", "x_embed_norm", "similarity", "selected_key", "reduce_sim")
+GRAD_KEYS = ("x_embed", "cls_features", "prompt", "prompt_key")
+
+# Every (backend, device type) the kernel tests run: CPU tensors for the reference, the C++ CPU kernels and
+# Triton (its interpreter), CUDA tensors for the reference, the CUDA kernels and Triton when a GPU exists.
+BACKEND_DEVICES: tuple[tuple[str, str], ...] = (
+    ("reference", "cpu"),
+    ("cpu", "cpu"),
+    ("triton", "cpu"),
+    ("reference", "cuda"),
+    ("cuda", "cuda"),
+    ("triton", "cuda"),
+)
+FUSED_BACKEND_DEVICES = tuple(pair for pair in BACKEND_DEVICES if pair[0] != "reference")
+
+
+def backend_skip_reason(backend: str, device: str) -> str | None:
+    """Why ``FusedPromptPool(backend=backend)`` cannot run on ``device`` tensors here (None when it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton on CPU tensors needs TRITON_INTERPRET=1 (not set: tests set it only when no GPU is present)"
+    try:
+        FusedPromptPool(length=1, embed_dim=1, backend=backend).resolved_backend(device)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def max_error(value: Tensor, truth: Tensor) -> float:
+    """max |value − truth| in fp64 (0 for empty tensors); NaNs must sit at the same places."""
+    value, truth = value.detach().double().cpu(), truth.detach().double().cpu()
+    nan = torch.isnan(truth)
+    assert torch.equal(torch.isnan(value), nan), "NaN at different places"
+    if not value.numel():
+        return 0.0
+    return (value[~nan] - truth[~nan]).abs().max().item() if (~nan).any() else 0.0
+
+
+def assert_close_to_truth(name: str, got: Tensor, low: Tensor, truth: Tensor, scale: float | None = None) -> None:
+    """flash-attention's rule: max|got − truth| ≤ 2·max|low − truth| + floor(got.dtype)·scale.
+
+    ``truth``: the reference in fp64 on the same inputs; ``low``: the reference in the precision ``got`` was
+    computed in (same dtypes, same device). ``got`` and ``low`` must agree in dtype and shape. ``scale``: the
+    magnitude the floor is relative to, by default max(1, max|truth|); a sum with cancellation should pass the
+    sum of its terms' magnitudes (e.g. K for ``reduce_sim``, a sum of K cosines per row averaged over B).
+    """
+    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype}, reference {low.dtype}"
+    assert got.shape == low.shape, f"{name}: shape {tuple(got.shape)}, reference {tuple(low.shape)}"
+    if scale is None:
+        finite = truth.detach().double().abs().nan_to_num(0.0, 0.0, 0.0)
+        scale = max(1.0, finite.max().item()) if truth.numel() else 1.0
+    error, low_error = max_error(got, truth), max_error(low, truth)
+    bound = 2 * low_error + ERROR_FLOORS[got.dtype] * scale
+    assert error <= bound, (
+        f"{name} ({got.dtype}): error {error:.3e} against fp64 > bound {bound:.3e} "
+        f"(2 × the {low.dtype} reference's error {low_error:.3e} + floor at scale {scale:.3g})"
+    )
+
+
+def select_by_rule(similarity: Tensor, top_k: int, batchwise: bool) -> Tensor:
+    """Ids (B, K) of docs/behaviour.md §4.3 from a similarity (B, M), written independently of l2p_fast:
+    a stable descending sort (equal values: lower id first); the vote counts ids and sorts the counts alike."""
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :top_k]
+    if not batchwise:
+        return order
+    counts = torch.zeros(similarity.shape[1], dtype=torch.int64, device=similarity.device)
+    counts.scatter_add_(0, order.reshape(-1), torch.ones_like(order.reshape(-1)))
+    winners = torch.sort(counts, descending=True, stable=True).indices[:top_k]
+    return winners.expand(similarity.shape[0], top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,3 +258,30 @@ def forward_and_grads(pool: FusedPromptPool, inputs: dict, weights: dict[str, Te
         "prompt_key": None if pool.prompt_key is None else pool.prompt_key.grad,
     }
     return out, grads, weights
+
+
+def tiny_vit(seed: int = 0, **kwargs: object) -> nn.Module:
+    """A seeded random-weight timm ViT (img 32, patch 4, D=64, 2 blocks, 10 classes; ``kwargs`` override
+    them) in eval mode, with non-trivial CLS and positions (timm starts CLS near zero). Needs timm."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    config = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 10}
+    vit = VisionTransformer(**{**config, **kwargs})
+    with torch.no_grad():
+        vit.cls_token.normal_()
+        vit.pos_embed.normal_()
+    return vit.eval()
+
+
+def tiny_bert(seed: int = 0, **overrides: object) -> nn.Module:
+    """A seeded random-weight Hugging Face ``BertModel`` (width 24, 3 layers, 4 heads, vocabulary 60; ``overrides``
+    change its ``BertConfig``), frozen, in eval mode. Needs transformers."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = {
+        "vocab_size": 60, "hidden_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "intermediate_size": 40, "max_position_embeddings": 40, "type_vocab_size": 2, "hidden_act": "gelu",
+    }  # fmt: skip
+    return transformers.BertModel(transformers.BertConfig(**{**config, **overrides})).eval().requires_grad_(False)

@@ -1,19 +1,20 @@
-"""The 48 golden cases recorded from the upstream ``Prompt`` module (float64), on every CPU backend."""
+"""The 48 golden cases recorded from the upstream ``Prompt`` module (float64), on every backend and device
+(the ``backend_device`` fixture): ids exact, values and gradients to 1e-12."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from l2p_fast import FusedPromptPool, available_backends
+from l2p_fast import FusedPromptPool
 
 VECTORS = Path(__file__).parent / "vectors" / "upstream_prompt_vectors.pt"
 CASES = torch.load(VECTORS, weights_only=True)["cases"]
-BACKENDS = available_backends("cpu")
 
 
-def _run(case: dict, backend: str):
-    pool = FusedPromptPool(**case["config"], backend=backend).double()
+def _run(case: dict, backend: str, device: str):
+    case = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in case.items()}
+    pool = FusedPromptPool(**case["config"], backend=backend).double().to(device)
     pool.load_state_dict({"prompt": case["prompt"], "prompt_key": case["prompt_key"]})
     x_embed = case["x_embed"].clone().requires_grad_(True)
     cls_features = case["cls_features"]
@@ -35,25 +36,26 @@ def _run(case: dict, backend: str):
     return out, grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_golden_case(index: int, backend: str) -> None:
+def test_golden_case(index: int, backend_device: tuple[str, str]) -> None:
     case = CASES[index]
-    out, grads = _run(case, backend)
+    out, grads = _run(case, *backend_device)
     assert list(out) == list(case["out"])
     for key, expected in case["out"].items():
         if isinstance(expected, int):
             assert out[key] == expected
-        elif expected.dtype == torch.int64:
-            assert torch.equal(out[key], expected), key
+            continue
+        assert out[key].device.type == backend_device[1], key
+        if expected.dtype == torch.int64:
+            assert torch.equal(out[key].cpu(), expected), key
         else:
             assert out[key].dtype == torch.float64
-            torch.testing.assert_close(out[key], expected, rtol=1e-12, atol=1e-12, msg=key)
+            torch.testing.assert_close(out[key].cpu(), expected, rtol=1e-12, atol=1e-12, msg=key)
     for key, expected in case["grad"].items():
         if expected is None:
             assert grads[key] is None or not grads[key].any(), key
         else:
-            torch.testing.assert_close(grads[key], expected, rtol=1e-12, atol=1e-12, msg=f"grad {key}")
+            torch.testing.assert_close(grads[key].cpu(), expected, rtol=1e-12, atol=1e-12, msg=f"grad {key}")
 
 
 def test_vectors_cover_every_embedding_key_and_masks() -> None:

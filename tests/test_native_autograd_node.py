@@ -7,13 +7,9 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from l2p_fast import _native
 from l2p_fast.testing import PoolCase, clone_pool, make_inputs, make_pool
 
-pytestmark = pytest.mark.skipif(
-    not (_native.is_built() and hasattr(torch.ops.l2p_fast, "pool_forward")),
-    reason=f"native op l2p_fast::pool_forward missing: {_native.LOAD_ERROR}",
-)
+pytestmark = pytest.mark.requires_backend("cpu")
 
 CASE = PoolCase(batch=3, tokens=5, width=8, pool_size=4, top_k=2, embedding_key="cls", use_cls=True)
 

@@ -1,48 +1,78 @@
-"""The native query-reduction op l2p_fast::query_reduce against the reference."""
+"""The native query reduction l2p_fast::query_reduce(x, mode) -> (q, argmax), on CPU tensors and, when a GPU
+exists, on CUDA tensors (the ``device`` parameter): values against plain PyTorch, gradients, opcheck, compile.
+
+Modes (the op's integer codes): 0 mean, 1 max, 2 max + 2·mean over the N tokens of x (B, N, D) → q (B, D) in
+max(x.dtype, fp32).
+"""
 
 import pytest
 import torch
 
-from l2p_fast import _native, ops
-from l2p_fast import reference as ref
+from l2p_fast.testing import TOLERANCES
 
-pytestmark = pytest.mark.skipif(not _native.is_built(), reason=f"native extension missing: {_native.LOAD_ERROR}")
-
-
-@pytest.mark.parametrize("embedding_key", ["mean", "max", "mean_max"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_values_match_reference(embedding_key: str, dtype: torch.dtype) -> None:
-    x = torch.randn(5, 97, 123).to(dtype)
-    expected = ref.query(x, embedding_key, None, ref.compute_dtype(dtype, torch.float32))
-    got = ops.query_reduce(x, embedding_key)
-    assert got.dtype == expected.dtype
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+MODES = {"mean": 0, "max": 1, "mean_max": 2}
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.requires_backend("cpu", "cpu")),
+    pytest.param("cuda", marks=pytest.mark.requires_backend("cuda", "cuda")),
+]
 
 
-@pytest.mark.parametrize("embedding_key", ["mean", "max", "mean_max"])
-def test_gradients_match_reference(embedding_key: str) -> None:
-    x = torch.randn(3, 7, 9, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 9, dtype=torch.float64)
-    (ops.query_reduce(x, embedding_key) * weight).sum().backward()
+@pytest.fixture(autouse=True)
+def _needs_the_op() -> None:  # runs after the requires_backend skips
+    if not hasattr(torch.ops.l2p_fast, "query_reduce"):
+        pytest.skip("l2p_fast._C has no op l2p_fast::query_reduce")
+
+
+def expected_query(x: torch.Tensor, embedding_key: str) -> torch.Tensor:
+    """docs/behaviour.md §4.1 in plain PyTorch, in max(x.dtype, fp32)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean, top = x.mean(dim=1), x.amax(dim=1)
+    return {"mean": mean, "max": top, "mean_max": top + 2 * mean}[embedding_key]
+
+
+def query(x: torch.Tensor, embedding_key: str) -> torch.Tensor:
+    return torch.ops.l2p_fast.query_reduce(x, MODES[embedding_key])[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("embedding_key", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_values(device: str, embedding_key: str, dtype: torch.dtype) -> None:
+    x = torch.randn(5, 97, 123, device=device).to(dtype)
+    expected = expected_query(x, embedding_key)
+    got = query(x, embedding_key)
+    assert got.dtype == expected.dtype and got.device == x.device
+    tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("embedding_key", list(MODES))
+def test_gradients(device: str, embedding_key: str) -> None:
+    x = torch.randn(3, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(3, 9, dtype=torch.float64, device=device)
+    (query(x, embedding_key) * weight).sum().backward()
     got, x.grad = x.grad, None
-    (ref.query(x, embedding_key, None, torch.float64) * weight).sum().backward()
+    (expected_query(x, embedding_key) * weight).sum().backward()
     torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: ops.query_reduce(t, embedding_key), (x.detach().requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda t: query(t, embedding_key), (x.detach().requires_grad_(True),))
 
 
-def test_non_contiguous_input() -> None:
-    x = torch.randn(4, 16, 6).transpose(1, 2)  # (4, 6, 16) view
-    torch.testing.assert_close(ops.query_reduce(x, "mean_max"), ref.query(x, "mean_max", None, torch.float32))
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device: str) -> None:
+    x = torch.randn(4, 16, 6, device=device).transpose(1, 2)  # (4, 6, 16) view
+    torch.testing.assert_close(query(x, "mean_max"), expected_query(x, "mean_max"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_opcheck(mode: int) -> None:
-    x = torch.randn(3, 5, 8, requires_grad=True)
+def test_opcheck(device: str, mode: int) -> None:
+    x = torch.randn(3, 5, 8, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.l2p_fast.query_reduce.default, (x, mode))
 
 
-def test_compile_fullgraph_parity() -> None:
-    x = torch.randn(3, 5, 8)
-    compiled = torch.compile(lambda t: ops.query_reduce(t, "mean_max") * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(x), ops.query_reduce(x, "mean_max") * 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_parity(device: str) -> None:
+    x = torch.randn(3, 5, 8, device=device)
+    compiled = torch.compile(lambda t: query(t, "mean_max") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), query(x, "mean_max") * 2)

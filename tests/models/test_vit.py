@@ -8,16 +8,16 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from vit_factory import small_vit  # noqa: E402
 
 from l2p_fast import reference as ref  # noqa: E402
 from l2p_fast.models import L2PViT  # noqa: E402
+from l2p_fast.testing import tiny_vit  # noqa: E402
 
 LP, M, K = 3, 6, 2
 
 
 def make(seed: int = 0, vit: VisionTransformer | None = None, **kwargs) -> L2PViT:
-    vit = small_vit(seed) if vit is None else vit
+    vit = tiny_vit(seed) if vit is None else vit
     kwargs = {"length": LP, "pool_size": M, "top_k": K, **kwargs}
     return L2PViT.from_timm(vit, **kwargs).eval()
 
@@ -53,7 +53,7 @@ def plain_composition(vit: VisionTransformer, model: L2PViT, x: torch.Tensor, he
 
 
 def test_prompt_free_pass_equals_timm_exactly() -> None:
-    vit = small_vit()
+    vit = tiny_vit()
     twin = copy.deepcopy(vit)
     model = make(vit=twin, head_type="token")
     x = images()
@@ -68,7 +68,7 @@ def test_prompt_free_pass_equals_timm_exactly() -> None:
 
 
 def test_positional_table_layout() -> None:
-    vit = small_vit()
+    vit = tiny_vit()
     model = make(vit=copy.deepcopy(vit))
     assert model.pos_embed.shape == (1, 1 + K * LP + 64, 64)
     assert torch.equal(model.pos_embed[:, 1 : 1 + K * LP], vit.pos_embed[:, :1].expand(-1, K * LP, -1))
@@ -79,7 +79,7 @@ def test_positional_table_layout() -> None:
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("head_type", ["prompt", "token", "token+prompt", "gap"])
 def test_prompted_forward_and_grads_match_plain_composition(head_type: str, backend: str) -> None:
-    vit = small_vit(seed=2)
+    vit = tiny_vit(seed=2)
     model = make(vit=copy.deepcopy(vit), head_type=head_type, backend=backend, seed=2)
     with torch.no_grad():
         model.pos_embed[:, 1 : 1 + K * LP].add_(0.1 * torch.randn(K * LP, 64))  # prompt slots differ from CLS's
@@ -111,7 +111,7 @@ def test_prompted_forward_and_grads_match_plain_composition(head_type: str, back
 
 def test_every_gradient_when_unfrozen() -> None:
     """With everything trainable, CLS, positions, patch embedding and blocks get the composition's grads."""
-    vit = small_vit(seed=4)
+    vit = tiny_vit(seed=4)
     model = make(vit=copy.deepcopy(vit), seed=4, head_type="token+prompt", batchwise_prompt=False)
     vit.head.load_state_dict(model.head.state_dict())
     model.requires_grad_(True)
@@ -135,20 +135,20 @@ def test_every_gradient_when_unfrozen() -> None:
 
 
 def test_state_dict_keys_and_round_trip() -> None:
-    vit = small_vit(seed=6)
+    vit = tiny_vit(seed=6)
     model = make(vit=copy.deepcopy(vit), seed=6)
     keys = set(model.state_dict())
     assert keys == set(vit.state_dict()) | {"prompt.prompt", "prompt.prompt_key"}
     assert model.state_dict()["pos_embed"].shape == (1, 1 + K * LP + 64, 64)
-    other = make(vit=small_vit(seed=7), seed=7)
+    other = make(vit=tiny_vit(seed=7), seed=7)
     other.load_state_dict(model.state_dict())  # strict: the port's key set, both ways
     x = images(2)
     torch.testing.assert_close(other(x)["logits"], model(x)["logits"], rtol=0, atol=0)
 
 
 def test_loading_plain_timm_weights_resizes_positions() -> None:
-    vit = small_vit(seed=8)
-    model = make(vit=small_vit(seed=9), seed=9)
+    vit = tiny_vit(seed=8)
+    model = make(vit=tiny_vit(seed=9), seed=9)
     result = model.load_state_dict(vit.state_dict(), strict=False)
     assert set(result.missing_keys) == {"prompt.prompt", "prompt.prompt_key"} and not result.unexpected_keys
     expected = torch.cat([vit.pos_embed[:, :1].expand(-1, 1 + K * LP, -1), vit.pos_embed[:, 1:]], dim=1)
@@ -189,7 +189,7 @@ def test_from_timm_name_and_instance_options() -> None:
     assert model.head.out_features == 5 and model.pos_embed.shape == (1, 1 + 4 + 16, 192)
     out = model(images(2))
     assert out["logits"].shape == (2, 5) and out["x"].shape == (2, 21, 192)
-    resized = L2PViT.from_timm(small_vit(), num_classes=3, length=1, pool_size=2, top_k=1)
+    resized = L2PViT.from_timm(tiny_vit(), num_classes=3, length=1, pool_size=2, top_k=1)
     assert resized.head.out_features == 3
     assert {id(p) for p in resized.trainable_parameters()} == {
         id(resized.prompt.prompt),
@@ -201,11 +201,11 @@ def test_from_timm_name_and_instance_options() -> None:
 
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="reg_tokens"):
-        make(vit=small_vit(reg_tokens=1))
+        make(vit=tiny_vit(reg_tokens=1))
     with pytest.raises(ValueError, match="head_type"):
         make(head_type="cls")
     with pytest.raises(ValueError, match="pretrained"):
-        L2PViT.from_timm(small_vit(), pretrained=True)
+        L2PViT.from_timm(tiny_vit(), pretrained=True)
     with pytest.raises(TypeError, match="model_or_name"):
         L2PViT.from_timm(3)
     model = make()

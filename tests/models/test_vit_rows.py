@@ -9,11 +9,11 @@ from torch import nn
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
 from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer  # noqa: E402
-from vit_factory import small_vit  # noqa: E402
 
 from l2p_fast.models import L2PViT  # noqa: E402
 from l2p_fast.models.common import head_rows  # noqa: E402
 from l2p_fast.models.vit_rows import block_rows, blocks_rows, supports_rows  # noqa: E402
+from l2p_fast.testing import tiny_vit  # noqa: E402
 
 LP, M, K = 3, 6, 2
 P = K * LP  # prompt rows
@@ -96,11 +96,11 @@ def test_fallback_cases_run_the_full_block() -> None:
 
 
 def test_stochastic_blocks_fall_back_only_in_training() -> None:
-    vit = small_vit(drop_path_rate=0.2, attn_drop_rate=0.1)
+    vit = tiny_vit(drop_path_rate=0.2, attn_drop_rate=0.1)
     assert supports_rows(vit.blocks[-1])  # eval: drop path and dropout are identities
     vit.train()
     assert not supports_rows(vit.blocks[-1])
-    assert supports_rows(small_vit().train().blocks[-1])  # rates of zero are identities in training too
+    assert supports_rows(tiny_vit().train().blocks[-1])  # rates of zero are identities in training too
     x = torch.randn(2, 65, 64)
     torch.manual_seed(7)
     got = blocks_rows(vit.blocks, x, 0, 1)
@@ -110,7 +110,7 @@ def test_stochastic_blocks_fall_back_only_in_training() -> None:
 
 def pair(head_type: str, backend: str, vit: VisionTransformer | None = None) -> tuple[L2PViT, L2PViT]:
     """Two models with the same weights, prompts and keys: final_tokens 'all' and 'head', in train mode."""
-    vit = small_vit(seed=2) if vit is None else vit
+    vit = tiny_vit(seed=2) if vit is None else vit
     kwargs = {"length": LP, "pool_size": M, "top_k": K, "head_type": head_type, "backend": backend}
     full = L2PViT.from_timm(copy.deepcopy(vit), **kwargs)
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_final_tokens_head_equals_all(head_type: str, backend: str) -> None:
 
 
 def test_final_tokens_head_with_unsupported_blocks() -> None:
-    vit = small_vit(seed=3, block_fn=ParallelScalingBlock)
+    vit = tiny_vit(seed=3, block_fn=ParallelScalingBlock)
     full, rows = pair("prompt", "auto", vit=vit)
     assert not supports_rows(rows.blocks[-1])
     check_same(full, rows, "prompt")
@@ -163,7 +163,7 @@ def test_final_tokens_head_with_unsupported_blocks() -> None:
 
 
 def test_query_equals_backbone_cls() -> None:
-    for vit in (small_vit(seed=4), small_vit(seed=4, block_fn=ParallelScalingBlock), small_vit(depth=1)):
+    for vit in (tiny_vit(seed=4), tiny_vit(seed=4, block_fn=ParallelScalingBlock), tiny_vit(depth=1)):
         model = L2PViT.from_timm(vit, length=LP, pool_size=M, top_k=K).train()
         x = images(3, seed=9)
         q = model.query(x)
@@ -173,11 +173,11 @@ def test_query_equals_backbone_cls() -> None:
 
 
 def test_final_tokens_argument() -> None:
-    model = L2PViT.from_timm(small_vit(), length=LP, pool_size=M, top_k=K, final_tokens="head", head_type="token")
+    model = L2PViT.from_timm(tiny_vit(), length=LP, pool_size=M, top_k=K, final_tokens="head", head_type="token")
     assert model.final_tokens == "head" and "final_tokens='head'" in repr(model)
     assert model(images(2))["x"].shape == (2, 1, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images(2))
     assert out["x"].shape == (2, 1, 64) and torch.isfinite(out["logits"].float()).all()
     with pytest.raises(ValueError, match=r"final_tokens: expected one of \('all', 'head'\), got 'cls'"):
-        L2PViT.from_timm(small_vit(), final_tokens="cls")
+        L2PViT.from_timm(tiny_vit(), final_tokens="cls")

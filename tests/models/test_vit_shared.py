@@ -9,11 +9,11 @@ from torch import nn
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
 from timm.models.vision_transformer import Block  # noqa: E402
-from vit_factory import small_vit  # noqa: E402
 
 import l2p_fast.models.vit as vit_module  # noqa: E402
 from l2p_fast.models import L2PViT  # noqa: E402
 from l2p_fast.models.vit_rows import block_from_qkv, block_with_frozen_rows, first_qkv, supports_shared_rows  # noqa: E402
+from l2p_fast.testing import tiny_vit  # noqa: E402
 
 LP, M, K = 3, 6, 2
 P = K * LP
@@ -76,7 +76,7 @@ def train_step(model: L2PViT, x: torch.Tensor) -> tuple[dict, dict]:
 @pytest.mark.parametrize("head_type", ["prompt", "token", "token+prompt", "gap"])
 def test_sharing_equals_recomputing(monkeypatch, head_type: str, final_tokens: str) -> None:
     kwargs = {"length": LP, "pool_size": M, "top_k": K, "head_type": head_type, "final_tokens": final_tokens}
-    shared = L2PViT.from_timm(small_vit(seed=2), **kwargs).train()
+    shared = L2PViT.from_timm(tiny_vit(seed=2), **kwargs).train()
     with torch.no_grad():
         shared.pos_embed[:, 1 : 1 + P].add_(0.1 * torch.randn(P, 64))
     plain = copy.deepcopy(shared)
@@ -99,15 +99,15 @@ def test_no_sharing_where_it_would_be_wrong(monkeypatch) -> None:
     calls = spy(monkeypatch)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     kwargs = {"length": LP, "pool_size": M, "top_k": K}
-    depth1 = L2PViT.from_timm(small_vit(seed=2, depth=1), **kwargs)
+    depth1 = L2PViT.from_timm(tiny_vit(seed=2, depth=1), **kwargs)
     depth1(x)  # the first block is the last: nothing to share
-    unfrozen = L2PViT.from_timm(small_vit(seed=2), **kwargs).requires_grad_(True)
+    unfrozen = L2PViT.from_timm(tiny_vit(seed=2), **kwargs).requires_grad_(True)
     out = unfrozen(x)  # the patch embedding and the first block want gradients
     out["logits"].sum().backward()
     assert unfrozen.patch_embed.proj.weight.grad is not None and unfrozen.blocks[0].attn.qkv.weight.grad is not None
-    given = L2PViT.from_timm(small_vit(seed=2), **kwargs)
+    given = L2PViT.from_timm(tiny_vit(seed=2), **kwargs)
     given(x, cls_features=torch.randn(2, 64))  # no query pass here
-    gated = L2PViT.from_timm(small_vit(seed=2), **kwargs)
+    gated = L2PViT.from_timm(tiny_vit(seed=2), **kwargs)
     gated.blocks[0].attn.gate = nn.Linear(64, 64)
     assert not supports_shared_rows(gated.blocks[0])
     gated(x)
