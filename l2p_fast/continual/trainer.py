@@ -180,15 +180,16 @@ class Trainer:
         benchmark: ContinualBenchmark | None = None,
     ) -> None:
         self.config = resolve(config)
+        self.device = pick_device(self.config.device)
+        check_backend(self.config, self.device)
         self.output = ensure_writable_dir(output, "output")
         self.resume = resume
         self.step_hook = step_hook
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.output / "cache"
-        self.device = pick_device(self.config.device)
         self._backbone = backbone
         self._benchmark = benchmark
-        self._check_folder()
-        check_backend(self.config, self.device)
+        with run_lock(self.output):  # a folder in use is reported as such, before its files are judged
+            self._check_folder()
 
     def _check_folder(self) -> None:
         refuse_earlier_run(self.output, self.resume)

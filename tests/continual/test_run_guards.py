@@ -150,9 +150,16 @@ def test_one_run_per_output_folder(tiny_backbone, tmp_path):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     with run_lock(tmp_path):
         with pytest.raises(OutputError, match=r"in use by another run \(pid \d+ on host .*, started 20"):
-            Trainer(cfg, tmp_path, backbone=tiny_backbone).run()
+            Trainer(cfg, tmp_path, backbone=tiny_backbone)
+    trainer = Trainer(cfg, tmp_path, backbone=tiny_backbone)
+    with run_lock(tmp_path):  # taken between construction and run
+        with pytest.raises(OutputError, match="in use by another run"):
+            trainer.run()
     assert not (tmp_path / "results.json").exists()
     train(cfg, tmp_path, backbone=tiny_backbone)  # the lock is free again
+    with run_lock(tmp_path):  # a busy folder is reported as busy, not as holding an earlier run
+        with pytest.raises(OutputError, match="in use by another run"):
+            Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone)
     (tmp_path / CHECKPOINT_NAME).unlink()  # a finished run without its checkpoint
     with pytest.raises(OutputError, match="already holds an earlier run \\(results.json\\)"):
         Trainer(cfg, tmp_path, backbone=tiny_backbone)
