@@ -269,8 +269,9 @@ def tiny_vit(seed: int = 0, **kwargs: object) -> nn.Module:
     config = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 10}
     vit = VisionTransformer(**{**config, **kwargs})
     with torch.no_grad():
-        vit.cls_token.normal_()
-        vit.pos_embed.normal_()
+        for param in (vit.cls_token, vit.pos_embed):
+            if param is not None:  # class_token=False has no CLS
+                param.normal_()
     return vit.eval()
 
 
