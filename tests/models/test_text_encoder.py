@@ -158,13 +158,18 @@ def test_bad_inputs(backbone) -> None:
 
 
 @pytest.mark.parametrize("final_tokens", ["all", "head"])
-def test_autocast_bf16_keeps_similarity_fp32(backbone, final_tokens: str) -> None:
+def test_autocast_bf16_close_to_fp32(backbone, final_tokens: str) -> None:
+    """bf16 autocast: similarities stay fp32; logits (scale ~0.45) within 2e-2 and similarities within 5e-3 of the
+    fp32 run (measured over 3 seeds: at most 3.7e-3 and 6e-4), the same prompts."""
     model = make(backbone, final_tokens=final_tokens)
-    batch = model.tokenize(TEXTS[:2])
+    batch = model.tokenize(TEXTS)
+    expected = model(**batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch)
     assert out["similarity"].dtype == torch.float32
-    assert torch.isfinite(out["logits"].float()).all()
+    torch.testing.assert_close(out["logits"].float(), expected["logits"], rtol=0, atol=2e-2)
+    torch.testing.assert_close(out["similarity"], expected["similarity"], rtol=0, atol=5e-3)
+    assert torch.equal(out["prompt_idx"], expected["prompt_idx"])
 
 
 def head_rows_of(head_type: str, k_lp: int, seq: int) -> slice:

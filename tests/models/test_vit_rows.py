@@ -175,9 +175,11 @@ def test_query_equals_backbone_cls() -> None:
 def test_final_tokens_argument() -> None:
     model = L2PViT.from_timm(tiny_vit(), length=LP, pool_size=M, top_k=K, final_tokens="head", head_type="token")
     assert model.final_tokens == "head" and "final_tokens='head'" in repr(model)
-    assert model(images(2))["x"].shape == (2, 1, 64)
+    expected = model(images(2))
+    assert expected["x"].shape == (2, 1, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images(2))
-    assert out["x"].shape == (2, 1, 64) and torch.isfinite(out["logits"].float()).all()
+    assert out["x"].shape == (2, 1, 64)
+    torch.testing.assert_close(out["logits"].float(), expected["logits"], rtol=0, atol=1e-2)  # bf16 through 2 blocks
     with pytest.raises(ValueError, match=r"final_tokens: expected one of \('all', 'head'\), got 'cls'"):
         L2PViT.from_timm(tiny_vit(), final_tokens="cls")
