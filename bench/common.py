@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 import l2p_fast
-from l2p_fast import FusedPromptPool, available_backends, dispatch
+from l2p_fast import FusedPromptPool, available_backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,6 @@ def make_pool(shape: Shape, provider: str, dev: torch.device, seed: int = 0) -> 
     pool = FusedPromptPool(length=shape.length, embed_dim=shape.width, embedding_key=shape.embedding_key,
                            prompt_pool=True, prompt_key=True, pool_size=shape.pool_size, top_k=shape.top_k,
                            batchwise_prompt=True, backend=backend).to(dev)
-    dispatch.resolve(backend, dev.type)  # import the backend eagerly: Dynamo cannot trace the import
     if provider == "compile":
         torch._dynamo.reset()  # a fresh graph per shape (each pool instance would count as a recompile)
     forward = torch.compile(pool.forward, fullgraph=True) if provider == "compile" else pool.forward

@@ -3,7 +3,7 @@
 ``FusedPromptPool`` is a drop-in replacement for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch.
 """
 
-from . import reference
+from . import ops, reference  # importing ops fills the dispatcher's table (l2p_fast.dispatch)
 from .dispatch import available_backends
 from .memory import (
     cpu_cache_stats,
@@ -20,6 +20,7 @@ __all__ = [
     "cpu_cache_stats",
     "cpu_stream_threshold",
     "empty_cpu_cache",
+    "ops",
     "reference",
     "set_cpu_cache_limit",
     "set_cpu_stream_threshold",

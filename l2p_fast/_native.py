@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 try:
@@ -26,3 +28,8 @@ def is_built() -> bool:
 def built_with_cuda() -> bool:
     """Whether the native extension carries the CUDA kernels."""
     return _C is not None and bool(_C.built_with_cuda())
+
+
+def has_op(name: str) -> bool:
+    """Whether the extension registered ``torch.ops.l2p_fast.<name>``."""
+    return _C is not None and hasattr(torch.ops.l2p_fast, name)

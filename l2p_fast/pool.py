@@ -95,7 +95,8 @@ class FusedPromptPool(nn.Module):
 
     def resolved_backend(self, device: torch.device | str) -> str:
         """Name of the backend that runs for tensors on ``device``."""
-        return dispatch.resolve(self.backend, torch.device(device).type)[0]
+        op = "pool_forward" if self.prompt_pool else "prepend"
+        return dispatch.resolve(op, self.backend, torch.device(device).type)
 
     def forward(
         self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
@@ -111,10 +112,10 @@ class FusedPromptPool(nn.Module):
             prompt_pool=self.prompt_pool,
             device=prompt.device,
         )
-        _, backend = dispatch.resolve(self.backend, x_embed.device.type)
         if not self.prompt_pool:
-            return {"total_prompt_len": self.length, "prompted_embedding": backend.prepend(prompt, x_embed)}
-        out = backend.pool_forward(
+            prepend = dispatch.implementation("prepend", self.backend, x_embed.device.type)
+            return {"total_prompt_len": self.length, "prompted_embedding": prepend(prompt, x_embed)}
+        out = dispatch.implementation("pool_forward", self.backend, x_embed.device.type)(
             x_embed,
             prompt,
             self.keys(),

@@ -1,9 +1,12 @@
-"""Pure-PyTorch prompt pool: the ground truth (SPEC §3–4) every fused kernel is held to.
+"""Pure-PyTorch references of every op: the ground truth (SPEC §3–4) every fused kernel is held to.
 
-Written stage by stage, mirroring the fused ops: query → normalise + score → select (tie rule,
-batch vote) → gather + prepend → pull term. Vectorised and free of host synchronisation (no
-``torch.unique``, no ``.item()``, no data-dependent shapes), so it is also the ``torch.compile``
-baseline. Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
+The pool is written stage by stage, mirroring the fused ops: query → normalise + score → select
+(tie rule, batch vote) → gather + prepend → pull term; ``assemble`` is the prompted models'
+sequence assembly. Vectorised and free of host synchronisation (no ``torch.unique``, no
+``.item()``, no data-dependent shapes), so they are also the ``torch.compile`` baselines.
+Given ids (``prompt_mask``, ``assemble``'s ``idx``) are clamped to [0, M − 1], as every backend
+does where the eager value check is skipped (see ``l2p_fast.validation.check_ids``).
+Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
 """
 
 from __future__ import annotations
@@ -11,13 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-EMBEDDING_KEYS = ("mean", "max", "mean_max", "cls")
+from .modes import EMBEDDING_KEYS, compute_dtype
+
 SQUARED_NORM_EPS = 1e-12
-
-
-def compute_dtype(x_dtype: torch.dtype, key_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the similarity stage: the promoted input dtype, but never below fp32."""
-    return torch.promote_types(torch.promote_types(x_dtype, key_dtype), torch.float32)
 
 
 def query(x_embed: Tensor, embedding_key: str, cls_features: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -71,9 +70,9 @@ def batch_vote(idx: Tensor, pool_size: int, top_k: int) -> Tensor:
 def select(
     similarity: Tensor, top_k: int, batchwise: bool, prompt_mask: Tensor | None
 ) -> Tensor:
-    """Prompt ids (B, K) per SPEC §4.3: the mask if given, else top-K (+ batch vote)."""
+    """Prompt ids (B, K) per SPEC §4.3: the mask (clamped to [0, M − 1]) if given, else top-K (+ batch vote)."""
     if prompt_mask is not None:
-        return prompt_mask.to(torch.int64)
+        return prompt_mask.to(torch.int64).clamp(0, similarity.shape[1] - 1)
     idx = top_k_ids(similarity, top_k)
     if batchwise:
         idx = batch_vote(idx, similarity.shape[1], top_k)
@@ -130,3 +129,20 @@ def pool_forward(
         "reduce_sim": reduce_sim,
         "prompted_embedding": gather_prepend(prompt, idx, x_embed),
     }
+
+
+def assemble_reference(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    """The port's way: ``cat([cls, prompt[idx] as (B, K·Lp, D), x], 1) + pos`` → (B, 1 + K·Lp + N, D).
+
+    x (B, N, D), prompt (M, Lp, D), idx (B, K) int64 in [0, M), cls (1 | B, 1, D), pos (1, S, D) or None.
+    """
+    batch, k = idx.shape
+    batched_prompt = prompt[idx].reshape(batch, k * prompt.shape[1], prompt.shape[2])
+    seq = torch.cat([batched_prompt, x], dim=1)
+    seq = torch.cat([cls.expand(batch, -1, -1), seq], dim=1)
+    return seq if pos is None else seq + pos
+
+
+def assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
+    """The reference backend of the assembly: ``assemble_reference`` with ids clamped to [0, M − 1]."""
+    return assemble_reference(x, prompt, idx.clamp(0, prompt.shape[0] - 1), cls, pos)

@@ -70,3 +70,61 @@ def test_validation_runs_before_any_backend(monkeypatch) -> None:
     monkeypatch.setattr(dispatch, "resolve", fail)
     with pytest.raises(ValueError, match="x_embed"):
         _pool()(torch.randn(3, 8))
+
+
+def test_ids_are_checked_only_where_it_costs_no_sync(monkeypatch) -> None:
+    from l2p_fast import validation
+
+    bad = torch.tensor([[0, 7]])
+    with pytest.raises(ValueError, match=r"prompt_mask: expected ids in \[0, pool_size=4\), got values in \[0, 7\]"):
+        validation.check_ids("prompt_mask", bad, "pool_size", 4)
+    validation.check_ids("prompt_mask", bad.to("meta"), "pool_size", 4)  # not on the CPU: skipped (clamped later)
+    assert validation.ids_unchecked(bad.to("meta")) and not validation.ids_unchecked(bad)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert validation.ids_unchecked(bad)
+    validation.check_ids("prompt_mask", bad, "pool_size", 4)  # under torch.compile: skipped
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"keys": torch.randn(5, 8)}, "keys: expected shape (6, 8)"),
+        ({"prompt": torch.randn(6, 2, 9)}, "prompt: expected (M, Lp, D) with D = 8"),
+        ({"top_k": 7}, "top_k: expected 1 <= top_k <= M = 6"),
+        ({"query_mode": 3}, "cls_features: expected shape (3, 8)"),
+        ({"query_mode": 5}, "query_mode: expected 0, 1, 2 or 3, got 5"),
+        ({"prompt_mask": torch.zeros(2, 2, dtype=torch.int64)}, "prompt_mask: expected shape (B = 3"),
+        ({"prompt_mask": torch.zeros(3, 2)}, "prompt_mask: expected integer ids"),
+        ({"x_embed": torch.randn(3, 8)}, "x_embed: expected (B, N, D)"),
+        ({"x_embed": torch.ones(3, 4, 8, dtype=torch.int32)}, "x_embed: expected a floating-point tensor"),
+        ({"keys": torch.randn(6, 8, device="meta")}, "keys: expected device cpu, got meta"),
+    ],
+)
+def test_pool_op_arguments(change: dict, message: str) -> None:
+    from l2p_fast.validation import validate_pool_op
+
+    args = {"x_embed": torch.randn(3, 4, 8), "prompt": torch.randn(6, 2, 8), "keys": torch.randn(6, 8),
+            "cls_features": None, "prompt_mask": None, "query_mode": 0, "top_k": 2}
+    validate_pool_op(**args)
+    args.update(change)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_pool_op(**args)
+
+
+def test_prepend_op_arguments() -> None:
+    from l2p_fast.validation import validate_prepend_op
+
+    validate_prepend_op(torch.randn(2, 8), torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match=r"prompt: expected \(Lp, D\) with D = 8, got shape \(2, 7\)"):
+        validate_prepend_op(torch.randn(2, 7), torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match=r"x_embed: expected \(B, N, D\)"):
+        validate_prepend_op(torch.randn(2, 8), torch.randn(4, 8))
+
+
+def test_backend_names_and_query_codes_come_from_their_tables() -> None:
+    from l2p_fast import dispatch, modes, validation
+
+    assert validation.BACKENDS == ("auto", *dispatch.BACKENDS)
+    # the C++ and Triton kernels switch on these integer codes: they are fixed
+    assert modes.QUERY_MODES == {"mean": 0, "max": 1, "mean_max": 2, "cls": 1} and modes.QUERY_FROM_CLS == 3
+    assert validation.QUERY_CODES == (0, 1, 2, 3)

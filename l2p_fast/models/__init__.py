@@ -1,10 +1,11 @@
 """Prompted models: ``L2PViT`` (timm VisionTransformer) and ``L2PTextEncoder`` (Hugging Face BERT-style).
 
 Both use the prompt pool only through ``FusedPromptPool(..., backend=backend)`` and build the
-prompted sequence with the one-pass ``assemble`` op (``l2p_fast.models.assembly``).
+prompted sequence with the one-pass ``assemble`` op (``l2p_fast.ops.assemble``).
 """
 
-from .assembly import assemble, assemble_reference
+from ..ops.assemble import assemble
+from ..reference import assemble_reference
 from .text import L2PTextEncoder
 from .vit import L2PViT
 

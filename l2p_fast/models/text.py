@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pool import FusedPromptPool
-from .assembly import assemble
+from ..ops.assemble import assemble
 from .bert_packed import bert_last_hidden
 from .common import (
     POOL_KEYS,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pool import FusedPromptPool
-from .assembly import assemble
+from ..ops.assemble import assemble
 from .common import (
     POOL_KEYS,
     check_final_tokens,

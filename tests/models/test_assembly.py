@@ -5,16 +5,14 @@ prompt, CLS and positional gradients are sums, compared with the dtype's toleran
 CPU tensors through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
 """
 
-import os
-
 import pytest
 import torch
 
-from l2p_fast import ops
-from l2p_fast.models import assembly
-from l2p_fast.models.assembly import assemble, assemble_reference
+from l2p_fast import dispatch
+from l2p_fast.ops.assemble import assemble
+from l2p_fast.reference import assemble_reference
 
-BACKENDS = ["native", "triton"]
+BACKENDS = ["cpu", "triton"]
 CASES = [  # (B, N, D, M, Lp, K)
     (3, 7, 16, 5, 2, 3),
     (1, 97, 123, 1, 1, 1),  # B = 1, K = M = 1, odd sizes
@@ -23,10 +21,10 @@ CASES = [  # (B, N, D, M, Lp, K)
 ]
 
 
-def require(backend: str) -> None:
-    reason = assembly.unavailable_reason(backend, "cpu")
+def require(backend: str, device_type: str = "cpu") -> None:
+    reason = dispatch.unavailable_reason(backend, device_type, "assemble")
     if reason is not None:
-        pytest.skip(f"assembly backend {backend!r} unavailable: {reason}")
+        pytest.skip(f"backend {backend!r} cannot assemble on {device_type}: {reason}")
 
 
 def inputs(case, dtype=torch.float32, *, batch_cls=False, with_pos=True, strided=True, seed=0):
@@ -163,7 +161,7 @@ def test_second_order_gradient_matches_reference(backend: str) -> None:
 
 
 def _op(backend: str):
-    return torch.ops.l2p_fast.assemble.default if backend == "native" else torch.ops.l2p_fast.assemble_triton.default
+    return torch.ops.l2p_fast.assemble.default if backend == "cpu" else torch.ops.l2p_fast.assemble_triton.default
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,7 +179,7 @@ def test_opcheck(backend: str, with_pos: bool) -> None:
     torch.library.opcheck(_op(backend), args)
     grad_op = (
         torch.ops.l2p_fast.assemble_prompt_grad.default
-        if backend == "native"
+        if backend == "cpu"
         else torch.ops.l2p_fast.assemble_prompt_grad_triton.default
     )
     torch.library.opcheck(grad_op, (torch.randn(3, 1 + 6 + 7, 16), idx, 5, 2))
@@ -203,17 +201,39 @@ def test_compile_fullgraph_parity(backend: str) -> None:
     torch.testing.assert_close(total, expected_total)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_of_range_ids_never_read_out_of_bounds(backend: str) -> None:
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("bad", [-1, 5, 1 << 40])
+def test_out_of_range_ids_raise_in_eager_mode(backend: str, bad: int) -> None:
     require(backend)
     x, prompt, idx, cls, pos = inputs(CASES[0], strided=False)
-    idx[1, 0] = 5  # == M
-    if backend == "native":
-        with pytest.raises(RuntimeError, match="outside"):
-            run(backend, (x, prompt, idx, cls, pos))
-    else:  # a kernel cannot raise: the bad rows read nothing
-        out = run(backend, (x, prompt, idx, cls, pos))
-        assert torch.equal(out[1, 1:3], pos[0, 1:3])
+    idx.fill_(2)
+    idx[1, 0] = bad
+    with pytest.raises(ValueError, match=rf"idx: expected ids in \[0, M=5\), got values in \[{min(bad, 2)}, {max(bad, 2)}\]"):
+        run(backend, (x, prompt, idx, cls, pos))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_under_compile_are_clamped_as_the_reference(backend: str) -> None:
+    """Where the eager value check is skipped (torch.compile) every backend clamps ids to [0, M − 1]."""
+    require(backend)
+    torch._dynamo.reset()
+    x, prompt, idx, cls, pos = leaf_inputs(CASES[0])
+    idx = idx.clone()
+    idx[0, 0], idx[1, 1], idx[2, 2] = -1, 5, 1 << 40
+
+    def step(backend_name, x, prompt, idx, cls, pos):
+        return assemble(x, prompt, idx, cls, pos, backend=backend_name)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(backend, x, prompt, idx, cls, pos)
+    expected = assemble_reference(x, prompt, idx.clamp(0, 4), cls, pos)
+    assert torch.equal(got, expected)
+    weight = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weight).sum(), prompt)[0]
+    expected_grads = torch.autograd.grad((expected * weight).sum(), prompt)[0]
+    torch.testing.assert_close(grads, expected_grads)
+    reference_compiled = compiled("reference", x, prompt, idx, cls, pos)
+    assert torch.equal(reference_compiled, expected)
 
 
 def test_validation_errors_name_the_argument() -> None:
@@ -232,32 +252,23 @@ def test_validation_errors_name_the_argument() -> None:
         assemble(x.long(), prompt, idx, cls, pos)
 
 
-def test_explicit_backend_that_cannot_run_raises() -> None:
-    assembly.clear_cache()
+def test_explicit_backend_that_cannot_run_raises(monkeypatch) -> None:
+    dispatch.clear_cache()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     try:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            os.environ["TRITON_INTERPRET"] = "0"
-            with pytest.raises(RuntimeError, match="triton"):
-                assembly.resolve("triton", "cpu")
-            os.environ["TRITON_INTERPRET"] = "1"
-        with pytest.raises(RuntimeError, match="unknown"):
-            assembly.resolve("bogus", "cpu")
+        with pytest.raises(RuntimeError, match="backend='triton' is not available on 'cpu'.*TRITON_INTERPRET"):
+            assemble(*inputs(CASES[0]), backend="triton")
+        with pytest.raises(RuntimeError, match="unknown backend 'bogus'"):
+            assemble(*inputs(CASES[0]), backend="bogus")
     finally:
-        assembly.clear_cache()
-
-
-def test_native_wrapper_is_the_registered_op() -> None:
-    require("native")
-    args = inputs(CASES[1])
-    assert torch.equal(ops.assemble(*args), torch.ops.l2p_fast.assemble(*args))
+        dispatch.clear_cache()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_reference(backend: str) -> None:
-    reason = assembly.unavailable_reason(backend, "cuda")
-    if reason is not None:
-        pytest.skip(f"assembly backend {backend!r} unavailable on cuda: {reason}")
+    require("cuda" if backend == "cpu" else backend, "cuda")
+    backend = "cuda" if backend == "cpu" else backend
     base = [None if t is None else t.cuda() for t in inputs(CASES[0], torch.float64)]
     assert torch.equal(assemble(*base, backend=backend), assemble_reference(*base))
     leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in base]

@@ -1,26 +1,26 @@
 """Host launchers of the Triton sequence assembly (device code: ``l2p_fast.kernels.assemble``).
 
-Imported lazily by the ``l2p_fast::assemble_triton`` ops (``l2p_fast/ops.py``), so TRITON_INTERPRET
-may be set after ``l2p_fast`` is imported. Inputs are strided views as they come (no copies).
+Called inside the ``l2p_fast::assemble_triton`` ops (``l2p_fast/ops/assemble.py``). Inputs are strided
+views as they come (no copies). Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
-from ..kernels import assemble as device
+from .triton_launch import kernels, pow2
 
 MAX_BLOCK_D = 1024
 
 
 def _block_d(width: int) -> int:
-    return min(MAX_BLOCK_D, triton.next_power_of_2(max(width, 1)))
+    return pow2(width, low=1, high=MAX_BLOCK_D)
 
 
 def launch_assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
     """[cls (1|B, 1, D), prompt[idx] (B, K·Lp, D), x (B, N, D)] + pos (1, S, D) → (B, S, D), promoted dtype."""
+    device = kernels()[3]
     batch, tokens, width = x.shape
     pool_size, length = prompt.shape[:2]
     prompt_len = idx.shape[1] * length
@@ -29,8 +29,8 @@ def launch_assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Te
     dtype = dtype if pos is None else torch.promote_types(dtype, pos.dtype)
     out = torch.empty((batch, seq, width), dtype=dtype, device=x.device)
     block_d = _block_d(width)
-    block_r = max(1, min(64, triton.next_power_of_2(seq), 8192 // block_d))
-    grid = (batch, triton.cdiv(seq, block_r))
+    block_r = max(1, min(64, pow2(seq, low=1), 8192 // block_d))
+    grid = (batch, -(-seq // block_r))
     pos_arg = pos if pos is not None else out
     device.assemble_kernel[grid](
         x, prompt, idx, cls, pos_arg, out,
@@ -45,10 +45,11 @@ def launch_assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Te
 
 def launch_prompt_grad(grad: Tensor, idx: Tensor, pool_size: int, length: int) -> Tensor:
     """Per-prompt grad (M, Lp, D): Σ of grad's rows 1 + j·Lp + l over every (b, j) with idx[b, j] = m."""
+    device = kernels()[3]
     batch, _, width = grad.shape
     out = torch.empty((pool_size, length, width), dtype=grad.dtype, device=grad.device)
     block_d = _block_d(width)
-    grid = (pool_size * length, triton.cdiv(width, block_d))
+    grid = (pool_size * length, -(-width // block_d))
     device.prompt_grad_kernel[grid](
         grad, idx, out,
         batch, idx.shape[1], width, length,
