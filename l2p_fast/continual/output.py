@@ -3,8 +3,10 @@
 A run holds an exclusive ``fcntl.flock`` on ``<output>/.l2p-fast.lock`` for its whole lifetime (the
 file records the holder's pid, host and start time, shown to a second run that finds it taken; the
 kernel releases the lock when the process ends, even on SIGKILL). Every file is written to a
-uniquely named temporary file in the same folder, flushed to disk, then renamed over the target, so
-a reader never sees a half-written file and two writers never share a temporary file.
+uniquely named temporary file in the same folder (``.l2p-fast-tmp-<name>.<random>``), flushed to disk, then
+renamed over the target, so a reader never sees a half-written file and two writers never share a
+temporary file. Temporary files left in the folder by a killed run are removed when the next run
+takes the lock.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 LOCK_NAME = ".l2p-fast.lock"
+TEMP_PREFIX = ".l2p-fast-tmp-"
 # files that mark a folder as holding an earlier run (a single run's results / checkpoint, or a comparison)
 EARLIER_RUN_FILES = ("results.json", "checkpoint.pt", "comparison.json")
 
@@ -85,6 +88,9 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         started = datetime.now(UTC).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
+        for leftover in Path(folder).glob(f"{TEMP_PREFIX}*"):  # only the lock holder writes here
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -98,7 +104,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a unique temporary file, fsync and rename; ``OSError`` leaves no trace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
     try:
         with os.fdopen(fd, "wb") as file:
             _write_all(file, data)

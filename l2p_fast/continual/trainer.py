@@ -16,7 +16,8 @@ Guards, all off the arithmetic of a normal run: the output folder is locked for 
 and refused when it holds an earlier run without ``resume`` (:mod:`.output`); the backend and the
 inputs' shape are checked before any training; and the first non-finite loss or gradient norm stops
 the run with :class:`NonFiniteLossError` before the optimiser step, so parameters and the checkpoint
-on disk keep the last finite state. That check reads the loss value the progress bar shows anyway
+on disk keep the last finite state; non-finite logits in an evaluation stop it too (one check per
+evaluation batch). That check reads the loss value the progress bar shows anyway
 (one host sync per step, which the methods' logged loss parts already cost) and the gradient norm
 that clipping computes (without clipping, one extra norm over the gradients).
 """
@@ -427,7 +428,14 @@ class Trainer:
         batches = eval_batches(indices, cfg.eval_batch_size, pool.lengths)
         for batch in tqdm(batches, desc=f"{cfg.method} eval", unit="batch", leave=False, disable=not cfg.progress):
             out = self._forward(batch, -1, False, pool, self.test_cache)
-            pred = out["logits"][:, :seen].argmax(dim=1).cpu()
+            logits = out["logits"][:, :seen]
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLossError(
+                    f"evaluation after task {self.phases.index(phase) + 1} of {len(self.phases)}: non-finite logits "
+                    f"for test items {pool.describe(batch)}; their accuracy would be meaningless. Check these items "
+                    "for NaN/inf values."
+                )
+            pred = logits.argmax(dim=1).cpu()
             hit = (pred == pool.labels[batch]).long()
             tasks = pool.tasks[batch]
             correct.index_add_(0, tasks, hit)

@@ -51,3 +51,10 @@ def test_text_pool_tokenizes_and_pads(tiny_backbone):
         build_pool(bench, "valid", tiny_backbone.tokenizer)
     with pytest.raises(ValueError, match="tokenizer"):
         build_pool(bench, "train", None)
+
+
+def test_pool_describe_names_items(tiny_backbone):
+    pool = build_pool(wordnet20(train_per_class=2, test_per_class=1), "train", tiny_backbone.tokenizer, 12)
+    text = pool.describe(torch.tensor([3, 0]))
+    assert text.startswith(f"#3 {pool.texts[3][:40]!r}, #0 ")
+    assert pool.describe(torch.arange(10), limit=2).endswith(" and 8 more")

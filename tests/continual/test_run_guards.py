@@ -76,8 +76,10 @@ def test_nan_pixel_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_non_finite_gradient_with_a_finite_loss_stops_the_run(tiny_backbone, tmp_path):
-    trainer = Trainer(tiny_config("seq-frozen", tiny_backbone.name), tmp_path, backbone=tiny_backbone)
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])
+def test_non_finite_gradient_with_a_finite_loss_stops_the_run(clip_grad, tiny_backbone, tmp_path):
+    cfg = tiny_config("seq-frozen", tiny_backbone.name, clip_grad=clip_grad)
+    trainer = Trainer(cfg, tmp_path, backbone=tiny_backbone)
     trainer._setup()
     original = trainer.method.loss
 
@@ -96,6 +98,15 @@ def test_non_finite_gradient_with_a_finite_loss_stops_the_run(tiny_backbone, tmp
 
 class Stop(Exception):
     pass
+
+
+def test_nan_in_a_test_item_stops_the_evaluation(tiny_vit, tmp_path):
+    data = image_tensor_file(tmp_path / "clean.pt")
+    obj = torch.load(data, weights_only=True)
+    obj["test"]["x"][3, 1, 0, 0] = math.inf
+    torch.save(obj, data)
+    with pytest.raises(NonFiniteLossError, match=r"evaluation after task 1 of 2: non-finite logits .*clean.pt test row 3"):
+        train(vision_config(data), tmp_path / "run", backbone=tiny_vit)
 
 
 def stop_after(n):
@@ -171,6 +182,15 @@ def test_one_run_per_output_folder(tiny_backbone, tmp_path):
         Trainer(cfg, tmp_path / "other", backbone=tiny_backbone)
     with pytest.raises(ValueError, match="output: expected a folder path, got ''"):
         Trainer(cfg, "", backbone=tiny_backbone)
+
+
+def test_a_killed_run_leaves_no_temporary_files_behind(tmp_path):
+    leftover = tmp_path / f"{output.TEMP_PREFIX}checkpoint.pt.abc123"
+    leftover.write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("the user's own file")
+    with run_lock(tmp_path):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".l2p-fast.lock", "notes.tmp"]
 
 
 def test_concurrent_writers_use_their_own_temporary_files(tmp_path):
