@@ -14,11 +14,13 @@ EXPECTED_KEYS = [
 
 
 @pytest.mark.parametrize("embedding_key", ["mean", "max", "mean_max", "cls"])
-def test_pool_outputs_keys_shapes_dtypes(embedding_key: str) -> None:
+def test_pool_outputs_keys_shapes_dtypes(backend_device: tuple[str, str], embedding_key: str) -> None:
+    """The output contract (docs/behaviour.md §4.5) on every backend and device (values: test_backend_parity)."""
+    backend, device = backend_device
     case = PoolCase(batch=3, tokens=7, width=12, pool_size=5, top_k=2, length=3, embedding_key=embedding_key,
                     use_cls=embedding_key == "cls")
-    pool = make_pool(case)
-    out = pool(**make_inputs(case))
+    pool = make_pool(case, backend=backend, device=device)
+    out = pool(**make_inputs(case, device=device))
     assert list(out) == EXPECTED_KEYS
     shapes = {
         "prompt_idx": (3, 2), "prompt_norm": (5, 12), "x_embed_norm": (3, 12), "similarity": (3, 5),
@@ -28,6 +30,7 @@ def test_pool_outputs_keys_shapes_dtypes(embedding_key: str) -> None:
         assert tuple(out[key].shape) == shape, key
     assert out["prompt_idx"].dtype == torch.int64
     assert all(out[k].dtype == torch.float32 for k in shapes if k != "prompt_idx")
+    assert all(out[k].device.type == device for k in shapes)
     assert out["total_prompt_len"] == 6 and isinstance(out["total_prompt_len"], int)
 
 
