@@ -5,7 +5,7 @@ TRITON_INTERPRET must be set before any module defining Triton kernels is import
 - ``backend_device`` / ``fused_backend_device``: every (backend, device type) pair of
   ``l2p_fast.testing.BACKEND_DEVICES`` (with or without the reference); a pair that cannot run here is
   skipped with the reason (``no CUDA device``, Triton on CPU tensors while a GPU is present, an
-  extension not built).
+  extension not built); ``native_backend_device``: the C++ backends only.
 - ``@pytest.mark.requires_backend(name, device="cpu")``: skip a test unless that backend runs there.
 - ``minilm``: the offline all-MiniLM-L6-v2 (model, tokenizer), loaded once per module with the hub off.
 """
@@ -41,6 +41,12 @@ def backend_device(request: pytest.FixtureRequest) -> tuple[str, str]:
 @pytest.fixture(params=_params(FUSED_BACKEND_DEVICES))
 def fused_backend_device(request: pytest.FixtureRequest) -> tuple[str, str]:
     """(backend, device type) of every fused backend: cpu and triton on CPU tensors, cuda and triton on CUDA."""
+    return request.param
+
+
+@pytest.fixture(params=_params((("cpu", "cpu"), ("cuda", "cuda"))))
+def native_backend_device(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """The C++ extension's backends: ('cpu', 'cpu') and, with a GPU, ('cuda', 'cuda')."""
     return request.param
 
 

@@ -9,22 +9,27 @@ import torch.autograd.forward_ad as fwAD
 
 from l2p_fast.testing import PoolCase, clone_pool, make_inputs, make_pool
 
-pytestmark = pytest.mark.requires_backend("cpu")
+
+@pytest.fixture
+def device(native_backend_device: tuple[str, str]) -> str:
+    """'cpu' or 'cuda': the native backend of that name on tensors of that device (one autograd node for both)."""
+    return native_backend_device[1]
 
 CASE = PoolCase(batch=3, tokens=5, width=8, pool_size=4, top_k=2, embedding_key="cls", use_cls=True)
 
 
-def _setup(backend: str = "cpu", seed: int = 5):
-    pool = clone_pool(make_pool(CASE, seed=seed), backend)
-    return pool, make_inputs(CASE, seed=seed)
+def _setup(device: str, backend: str | None = None, seed: int = 5):
+    """A pool of CASE on ``backend`` (default: the native backend of ``device``) and its inputs on ``device``."""
+    pool = clone_pool(make_pool(CASE, device=device, seed=seed), backend or device)
+    return pool, make_inputs(CASE, device=device, seed=seed)
 
 
 def _loss(out: dict) -> torch.Tensor:
     return (out["prompted_embedding"] ** 2).sum() + out["x_embed_norm"].sum() - out["reduce_sim"]
 
 
-def _grads(backend: str, retain_twice: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    pool, inputs = _setup(backend)
+def _grads(device: str, backend: str | None = None, retain_twice: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    pool, inputs = _setup(device, backend)
     loss = _loss(pool(inputs["x_embed"], cls_features=inputs["cls_features"]))
     loss.backward(retain_graph=retain_twice)
     if retain_twice:
@@ -32,8 +37,8 @@ def _grads(backend: str, retain_twice: bool = False) -> tuple[torch.Tensor, torc
     return pool.prompt.grad, pool.prompt_key.grad
 
 
-def test_graph_has_one_node_with_an_edge_per_tensor_input() -> None:
-    pool, inputs = _setup()
+def test_graph_has_one_node_with_an_edge_per_tensor_input(device: str) -> None:
+    pool, inputs = _setup(device)
     x = inputs["x_embed"].requires_grad_(True)
     out = pool(x, cls_features=inputs["cls_features"])
     node = out["prompted_embedding"].grad_fn
@@ -47,19 +52,19 @@ def test_graph_has_one_node_with_an_edge_per_tensor_input() -> None:
     assert [type(fn).__name__ for i, fn in enumerate(edges) if i != 1] == ["AccumulateGrad"] * 3
 
 
-def test_retained_graph_runs_twice_and_a_released_one_refuses() -> None:
-    once, twice = _grads("cpu"), _grads("cpu", retain_twice=True)
+def test_retained_graph_runs_twice_and_a_released_one_refuses(device: str) -> None:
+    once, twice = _grads(device), _grads(device, retain_twice=True)
     for single, double in zip(once, twice, strict=True):
         torch.testing.assert_close(double, 2 * single)
-    pool, inputs = _setup()
+    pool, inputs = _setup(device)
     loss = _loss(pool(inputs["x_embed"], cls_features=inputs["cls_features"]))
     loss.backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
 
 
-def test_in_place_change_of_a_saved_output_is_detected() -> None:
-    pool, inputs = _setup()
+def test_in_place_change_of_a_saved_output_is_detected(device: str) -> None:
+    pool, inputs = _setup(device)
     out = pool(inputs["x_embed"], cls_features=inputs["cls_features"])
     loss = _loss(out)
     with torch.no_grad():
@@ -69,8 +74,8 @@ def test_in_place_change_of_a_saved_output_is_detected() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-def test_anomaly_mode_names_the_forward_call_of_a_failing_backward() -> None:
-    pool, inputs = _setup()
+def test_anomaly_mode_names_the_forward_call_of_a_failing_backward(device: str) -> None:
+    pool, inputs = _setup(device)
     with torch.autograd.detect_anomaly(check_nan=False):
         out = pool(inputs["x_embed"], cls_features=inputs["cls_features"])
         loss = _loss(out)
@@ -81,21 +86,21 @@ def test_anomaly_mode_names_the_forward_call_of_a_failing_backward() -> None:
                 loss.backward()
 
 
-def test_trimmed_backward_matches_the_full_one() -> None:
-    full_prompt, full_key = _grads("cpu")
-    pool, inputs = _setup()
+def test_trimmed_backward_matches_the_full_one(device: str) -> None:
+    full_prompt, full_key = _grads(device)
+    pool, inputs = _setup(device)
     loss = _loss(pool(inputs["x_embed"], cls_features=inputs["cls_features"]))
     (key_only,) = torch.autograd.grad(loss, [pool.prompt_key])
     torch.testing.assert_close(key_only, full_key)
-    pool, inputs = _setup()
+    pool, inputs = _setup(device)
     _loss(pool(inputs["x_embed"], cls_features=inputs["cls_features"])).backward(inputs=[pool.prompt])
     assert pool.prompt_key.grad is None
     torch.testing.assert_close(pool.prompt.grad, full_prompt)
 
 
-def test_saved_tensor_hooks_see_every_saved_tensor() -> None:
-    expected = _grads("reference")
-    pool, inputs = _setup()
+def test_saved_tensor_hooks_see_every_saved_tensor(device: str) -> None:
+    expected = _grads(device, "reference")
+    pool, inputs = _setup(device)
     packed, unpacked = [], []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -118,8 +123,8 @@ def test_saved_tensor_hooks_see_every_saved_tensor() -> None:
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_no_graph_outside_grad_mode(mode: str) -> None:
-    pool, inputs = _setup()
+def test_no_graph_outside_grad_mode(device: str, mode: str) -> None:
+    pool, inputs = _setup(device)
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
         out = pool(inputs["x_embed"], cls_features=inputs["cls_features"])
@@ -131,8 +136,8 @@ def test_no_graph_outside_grad_mode(mode: str) -> None:
     torch.testing.assert_close(out["prompted_embedding"], expected["prompted_embedding"])
 
 
-def test_forward_mode_ad_raises_a_clear_error() -> None:
-    pool, inputs = _setup()
+def test_forward_mode_ad_raises_a_clear_error(device: str) -> None:
+    pool, inputs = _setup(device)
     with fwAD.dual_level():
         x = fwAD.make_dual(inputs["x_embed"], torch.randn_like(inputs["x_embed"]))
         with pytest.raises(RuntimeError, match=r"no forward-mode AD.*backend='reference'"):

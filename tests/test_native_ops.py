@@ -8,17 +8,23 @@ import torch
 
 from l2p_fast.testing import PoolCase, clone_pool, forward_and_grads, make_inputs, make_pool
 
-pytestmark = pytest.mark.requires_backend("cpu")
 CLS_MODE = 3  # the native ops' query-mode code of embedding_key='cls' (0 mean, 1 max, 2 mean_max)
 
 
-def _op_args(mode: int, masked: bool, batchwise: bool, dtype=torch.float32, requires_grad=True):
+@pytest.fixture
+def device(native_backend_device: tuple[str, str]) -> str:
+    """'cpu' or 'cuda': the device whose kernels of the native ops run."""
+    return native_backend_device[1]
+
+
+def _op_args(mode: int, masked: bool, batchwise: bool, dtype=torch.float32, requires_grad=True, device="cpu"):
     gen = torch.Generator().manual_seed(mode * 4 + masked * 2 + batchwise)
     x = torch.randn(3, 5, 8, generator=gen, dtype=dtype)
     cls = torch.randn(3, 8, generator=gen, dtype=dtype) if mode == CLS_MODE else None
     prompt = torch.randn(6, 2, 8, generator=gen, dtype=dtype)
     keys = torch.randn(6, 8, generator=gen, dtype=dtype)
     mask = torch.randint(0, 6, (3, 2), generator=gen) if masked else None
+    x, cls, prompt, keys, mask = (None if t is None else t.to(device) for t in (x, cls, prompt, keys, mask))
     for t in (x, cls, prompt, keys):
         if t is not None:
             t.requires_grad_(requires_grad)
@@ -26,14 +32,15 @@ def _op_args(mode: int, masked: bool, batchwise: bool, dtype=torch.float32, requ
 
 
 @pytest.mark.parametrize("mode", [0, 1, 3])
-def test_backward_missing_small_grads_are_zeros(mode: int) -> None:
+def test_backward_missing_small_grads_are_zeros(device: str, mode: int) -> None:
     """None for the gradients of x_embed_norm, prompt_norm, similarity and selected_key (outputs the loss does not
     use; the C++ autograd passes None) gives the gradients of explicit zeros, and passes opcheck."""
-    args = _op_args(mode, False, True, requires_grad=False)
+    args = _op_args(mode, False, True, requires_grad=False, device=device)
     out = torch.ops.l2p_fast.pool_forward(*args)
     prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq = out
     gen = torch.Generator().manual_seed(mode)
-    grad_prompted, grad_reduce = torch.randn(prompted.shape, generator=gen), torch.randn((), generator=gen)
+    grad_prompted = torch.randn(prompted.shape, generator=gen).to(device)
+    grad_reduce = torch.randn((), generator=gen).to(device)
     tail = (x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, mode, 2, torch.float32, torch.float32, torch.float32,
             torch.float32, True, mode == 3, True, True)
     zeros = [torch.zeros_like(t) for t in (x_norm, prompt_norm, sim, selected)]
@@ -49,16 +56,16 @@ def test_backward_missing_small_grads_are_zeros(mode: int) -> None:
     assert grad_keys.abs().sum() > 0  # the pull term reaches the keys
 
 
-def test_backward_rejects_a_misshapen_optional_grad() -> None:
-    args = _op_args(3, False, True, requires_grad=False)
+def test_backward_rejects_a_misshapen_optional_grad(device: str) -> None:
+    args = _op_args(3, False, True, requires_grad=False, device=device)
     out = torch.ops.l2p_fast.pool_forward(*args)
     prompted, x_norm, prompt_norm, sim, idx, argmax, q_sumsq, k_sumsq = *out[:4], out[4], *out[7:]
     tail = (x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax, 3, 2, torch.float32, torch.float32, torch.float32,
             torch.float32, False, True, True, True)
-    bad_similarity = torch.zeros(sim.shape[0], sim.shape[1] + 1)  # (B, M + 1) instead of (B, M)
+    bad_similarity = torch.zeros(sim.shape[0], sim.shape[1] + 1, device=device)  # (B, M + 1) instead of (B, M)
     with pytest.raises(RuntimeError, match="gradient shapes do not match the forward outputs"):
         torch.ops.l2p_fast.pool_backward(torch.zeros_like(prompted), None, None, bad_similarity, None,
-                                         torch.ones(()), *tail)
+                                         torch.ones((), device=device), *tail)
 
 
 def _run_twice(case: PoolCase) -> tuple:
@@ -77,6 +84,7 @@ def _assert_bit_identical(a: tuple, b: tuple) -> None:
 
 
 @pytest.mark.parametrize("embedding_key", ["mean", "cls"])
+@pytest.mark.requires_backend("cpu")
 def test_thread_count_does_not_change_results(embedding_key: str) -> None:
     # large enough that every parallel loop of the CPU kernels splits over 2 threads
     # (every loop has more rows than its grain of ~256K elements per task, csrc/cpu/pool.cpp grain_for)
@@ -94,12 +102,12 @@ def test_thread_count_does_not_change_results(embedding_key: str) -> None:
 
 
 @pytest.mark.parametrize("loss_kind", ["nonlinear", "pull_term_only"])
-def test_second_order_gradient_raises_a_clear_error(loss_kind: str) -> None:
+def test_second_order_gradient_raises_a_clear_error(device: str, loss_kind: str) -> None:
     """create_graph=True: the first-order gradients are the plain backward's; differentiating them again through
     the native pool raises an error naming the reference backend (never a silently missing term)."""
     case = PoolCase(batch=3, tokens=5, width=8, pool_size=4, top_k=2, embedding_key="cls", use_cls=True)
-    pool = clone_pool(make_pool(case, seed=3), "cpu")
-    inputs = make_inputs(case, seed=3)
+    pool = clone_pool(make_pool(case, device=device, seed=3), device)
+    inputs = make_inputs(case, device=device, seed=3)
     x = inputs["x_embed"].requires_grad_(True)
     params = [pool.prompt, pool.prompt_key, x]
 
@@ -131,9 +139,10 @@ def test_second_order_gradient_raises_a_clear_error(loss_kind: str) -> None:
         ({"keys": torch.randn(5, 8)}, r"keys must be a float \(M, D\) = \(6, 8\)"),
     ],
 )
-def test_op_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+def test_op_rejects_bad_arguments(device: str, kwargs: dict, message: str) -> None:
     args = {"x_embed": torch.randn(2, 3, 8), "cls_features": None, "prompt": torch.randn(6, 2, 8),
             "keys": torch.randn(6, 8), "prompt_mask": None, "mode": 0, "top_k": 2, "batchwise": False}
     args.update(kwargs)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=message):
         torch.ops.l2p_fast.pool_forward(*args.values())
