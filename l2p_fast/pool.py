@@ -41,6 +41,11 @@ class FusedPromptPool(nn.Module):
     Differences from the port (its bugs, SPEC §6): the default constructor works; non-pool mode owns
     one learnable (Lp, D) prompt; with ``prompt_key=False`` the keys are the mean of the current
     prompts, recomputed each call (differentiable), and ``prompt_key`` is a ``None`` parameter slot.
+
+    Where the backends' autograd differs (forward-mode AD, in-place edits between forward and backward,
+    zero vs ``None`` gradients of unreached inputs) is documented in ``l2p_fast/ops/pool.py``. Prompt
+    ids out of range raise in eager mode on CPU tensors and are clamped to [0, M − 1] elsewhere
+    (``l2p_fast/validation.py``).
     """
 
     def __init__(

@@ -13,10 +13,11 @@ top_k, batchwise, cls_features (B, D) | None, prompt_mask (B, K') | None) and re
 outputs of §4.5 by name (``pool_outputs``).
 
 Autograd, where the backends differ (and why it is harmless):
-- An in-place edit of an *input* between forward and backward raises in the reference (autograd's
-  version check on the inputs it saved). The fused backends save only their own outputs (norms, ids,
-  argmax, squared norms), never an input, so such an edit cannot change their gradients: they compute
-  the gradient of the forward that ran. An in-place edit of a saved *output* raises on every backend.
+- An in-place edit of an *input* between forward and backward (e.g. an optimiser step on ``prompt_key``)
+  raises in the reference wherever autograd saved that input (version check). The fused backends save
+  only their own outputs (norms, ids, argmax, squared norms), never an input, so such an edit cannot
+  change their gradients: they return the gradient of the forward that ran, and do not raise. An
+  in-place edit of a saved *output* (``x_embed_norm``, ``prompt_norm``) raises on every backend.
 - Gradients of inputs that no used output depends on are ``None`` on the reference and Triton. The
   native backward is one fused C++ node that hands back zero tensors for them instead (e.g. the keys'
   gradient when only ``prompted_embedding`` enters the loss); the values agree (zero), only an
