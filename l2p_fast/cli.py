@@ -99,8 +99,9 @@ def run_command(args: argparse.Namespace) -> None:
     from .continual.compare import compare, parse_methods
     from .continual.config import resolve
     from .continual.output import ensure_writable_dir
+    from .continual.preflight import check_backend, pick_device
     from .continual.report import comparison_table, write_run_plots
-    from .continual.trainer import Trainer, check_backend, pick_device
+    from .continual.trainer import Trainer
 
     if args.command == "train":
         config = resolve(config_from_args(args, args.method))

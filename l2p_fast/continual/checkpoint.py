@@ -219,3 +219,23 @@ def check_run_state(
                                           and "param_groups" in optimizer):
         raise fail("a position inside a phase needs the optimiser state, which is missing")
     return position
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's optimiser state, checking hyper-parameters and per-parameter tensor shapes."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this run ({error})") from error
+    loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+    if loaded != fresh:
+        raise CheckpointError(f"checkpoint {path}: optimiser settings {loaded} differ from this run's {fresh}")
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"checkpoint {path}: optimiser tensor {name!r} has shape {tuple(value.shape)}, its parameter "
+                        f"{tuple(param.shape)}"
+                    )

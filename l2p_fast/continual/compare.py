@@ -12,8 +12,9 @@ from typing import Any
 from .backbones import Backbone, load_backbone
 from .config import METHODS, RunConfig, resolve
 from .output import ensure_writable_dir, refuse_earlier_run, run_lock, write_json
+from .preflight import check_backend, pick_device
 from .report import comparison_table, write_comparison_plots, write_run_plots
-from .trainer import RESULTS_NAME, Trainer, check_backend, load_run_benchmark, pick_device
+from .trainer import RESULTS_NAME, Trainer, load_run_benchmark
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,19 @@ from . import metrics
 from .backbones import Backbone, load_backbone
 from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .benchmarks import ContinualBenchmark, get_benchmark
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, check_run_state, load_checkpoint, save_checkpoint
-from .config import PROMPT_METHODS, RunConfig, resolve
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_run_state,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
+from .config import RunConfig, resolve
 from .features import cached_features
 from .methods import Method, TaskEnd, make_method
 from .output import OutputError, ensure_writable_dir, refuse_earlier_run, run_lock, write_json
+from .preflight import check_backend, check_inputs, pick_device
 
 log = logging.getLogger(__name__)
 RESULTS_NAME = "results.json"
@@ -106,45 +114,6 @@ def deterministic(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises ``ValueError``."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_backend(config: RunConfig, device: torch.device) -> None:
-    """``ValueError`` when a prompt method asks for a pool backend that cannot run on ``device`` here."""
-    if config.method not in PROMPT_METHODS or config.backend == "auto":
-        return
-    from .. import dispatch
-
-    reason = dispatch.unavailable_reason(config.backend, device.type)
-    if reason is not None:
-        raise ValueError(
-            f"backend: {config.backend!r} cannot run on the {device.type} device here ({reason}); available: "
-            f"{['auto', *dispatch.available_backends(device.type)]}"
-        )
-
-
-def check_inputs(benchmark: ContinualBenchmark, backbone: Backbone) -> None:
-    """``ValueError`` when an image benchmark's inputs are not the (3, H, W) images the ViT backbone takes."""
-    if benchmark.modality == "text":
-        return
-    size = getattr(getattr(backbone.model, "patch_embed", None), "img_size", None)
-    expected = (3, *size) if size is not None else None
-    x = benchmark.train[0][0][0]
-    shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-    if not hasattr(x, "shape") or len(shape) != 3 or shape[0] != 3 or (expected is not None and shape != expected):
-        raise ValueError(
-            f"data: benchmark {benchmark.name!r} gives inputs of shape {shape}; the backbone {backbone.name!r} "
-            f"takes images of shape {expected or '(3, H, W)'} (image_folder converts and resizes its images; "
-            "tensor_file images are used as stored: give 3-channel images of --image-size)"
-        )
 
 
 def class_mask(kind: str, benchmark: ContinualBenchmark, tasks: tuple[int, ...], device: torch.device) -> Tensor:
@@ -489,26 +458,6 @@ class Trainer:
         if self.method.buffer is not None:
             results["buffer_size"] = len(self.method.buffer)
         return results
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
-    """Load a checkpoint's optimiser state, checking hyper-parameters and per-parameter tensor shapes."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-    try:
-        optimizer.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this run ({error})") from error
-    loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-    if loaded != fresh:
-        raise CheckpointError(f"checkpoint {path}: optimiser settings {loaded} differ from this run's {fresh}")
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for name, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, Tensor) and value.dim() and value.shape != param.shape:
-                    raise CheckpointError(
-                        f"checkpoint {path}: optimiser tensor {name!r} has shape {tuple(value.shape)}, its parameter "
-                        f"{tuple(param.shape)}"
-                    )
 
 
 def train(config: RunConfig, output: str | Path, **kwargs: Any) -> dict[str, Any]:

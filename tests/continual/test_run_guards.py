@@ -23,7 +23,8 @@ from l2p_fast.continual.checkpoint import (
 )
 from l2p_fast.continual.config import RunConfig
 from l2p_fast.continual.output import OutputError, run_lock, write_bytes_atomic
-from l2p_fast.continual.trainer import NonFiniteLossError, Trainer, check_backend, train
+from l2p_fast.continual.preflight import check_backend
+from l2p_fast.continual.trainer import NonFiniteLossError, Trainer, train
 
 timm = pytest.importorskip("timm", reason="needs timm (the ViT backbone)")
 
