@@ -27,6 +27,15 @@ def takes_token_max(mode: int) -> bool:
     return mode == 1 or mode == 2
 
 
+def promoted_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The dtype ``torch.cat`` / ``+`` give their outputs: the promotion of every given dtype (None skipped)."""
+    present = [d for d in dtypes if d is not None]
+    result = present[0]
+    for dtype in present[1:]:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
 def compute_dtype(x_dtype: torch.dtype, key_dtype: torch.dtype) -> torch.dtype:
     """Dtype of the query and similarity stage: the promoted input dtype, never below fp32."""
     return torch.promote_types(torch.promote_types(x_dtype, key_dtype), torch.float32)

@@ -134,7 +134,8 @@ def check_ids(name: str, ids: Tensor, size_name: str, size: int) -> None:
     """Raise if integer ``ids`` fall outside [0, size): in eager mode, on CPU tensors only (see module doc)."""
     if ids_unchecked(ids) or ids.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(ids))
+    bounds = torch.aminmax(ids)  # one pass over the ids (the callers checked their shapes)
+    low, high = int(bounds.min), int(bounds.max)
     if low < 0 or high >= size:
         raise ValueError(f"{name}: expected ids in [0, {size_name}={size}), got values in [{low}, {high}]")
 

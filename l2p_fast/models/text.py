@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..pool import FusedPromptPool
 from ..ops.assemble import assemble
+from ..pool import FusedPromptPool
 from .bert_packed import bert_last_hidden
 from .common import (
     POOL_KEYS,

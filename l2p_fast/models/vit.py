@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..pool import FusedPromptPool
 from ..ops.assemble import assemble
+from ..pool import FusedPromptPool
 from .common import (
     POOL_KEYS,
     check_final_tokens,

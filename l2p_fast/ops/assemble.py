@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _native, reference
 from ..dispatch import implementation, register
+from ..modes import promoted_dtype
 from ..validation import ids_unchecked, validate_assembly
 from . import assemble_triton
 from .triton_launch import reject_forward_ad
@@ -46,8 +47,7 @@ def assemble(
 
 
 def _assemble_fake(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:
-    dtype = torch.promote_types(torch.promote_types(x.dtype, prompt.dtype), cls.dtype)
-    dtype = dtype if pos is None else torch.promote_types(dtype, pos.dtype)
+    dtype = promoted_dtype(x.dtype, prompt.dtype, cls.dtype, None if pos is None else pos.dtype)
     seq = 1 + idx.shape[1] * prompt.shape[1] + x.shape[1]
     return x.new_empty((x.shape[0], seq, x.shape[2]), dtype=dtype)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..modes import promoted_dtype
 from .triton_launch import kernels, pow2
 
 MAX_BLOCK_D = 1024
@@ -25,11 +26,10 @@ def launch_assemble(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Te
     pool_size, length = prompt.shape[:2]
     prompt_len = idx.shape[1] * length
     seq = 1 + prompt_len + tokens
-    dtype = torch.promote_types(torch.promote_types(x.dtype, prompt.dtype), cls.dtype)
-    dtype = dtype if pos is None else torch.promote_types(dtype, pos.dtype)
+    dtype = promoted_dtype(x.dtype, prompt.dtype, cls.dtype, None if pos is None else pos.dtype)
     out = torch.empty((batch, seq, width), dtype=dtype, device=x.device)
     block_d = _block_d(width)
-    block_r = max(1, min(64, pow2(seq, low=1), 8192 // block_d))
+    block_r = kernels()[2].assemble_rows(seq, block_d)  # the GPU table (l2p_fast/kernels/tuned.py)
     grid = (batch, -(-seq // block_r))
     pos_arg = pos if pos is not None else out
     device.assemble_kernel[grid](

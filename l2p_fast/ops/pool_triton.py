@@ -32,9 +32,7 @@ def forward_blocks(n: int, d: int, m: int, k: int, lpd: int) -> dict[str, int]:
             "BLOCK_S": pow2(k, low=1, high=max(1, (1 << 18) // block_e)),
             "BLOCK_E": block_e,
         }
-    block_e = pow2(lpd, high=1024)
-    return {"BLOCK_D": pow2(d, high=128), "BLOCK_N": 32, "BLOCK_M": pow2(m, high=64),
-            "BLOCK_S": max(2, 4096 // block_e), "BLOCK_E": block_e}
+    return kernels()[2].forward_blocks(n, d, m, k, lpd)  # the GPU table (l2p_fast/kernels/tuned.py)
 
 
 def launch_pool_forward(
@@ -91,6 +89,7 @@ def launch_pool_forward(
                 batch, tokens, width, pool_size, k, length,
                 BLOCK_M=blocks["BLOCK_M"], BLOCK_R=pow2(batch * k, high=1024 if big_blocks() else 64),
                 BLOCK_D=blocks["BLOCK_D"], BLOCK_S=blocks["BLOCK_S"], BLOCK_E=blocks["BLOCK_E"],
+                num_warps=blocks.get("num_warps", 4),
             )
     reduce_sim = pull.sum() / batch
     return prompt_norm, x_norm, similarity, selected, reduce_sim, out, idx, key_sumsq, query_sumsq, argmax
@@ -177,7 +176,7 @@ def launch_grad_similarity(
         bb, bm, br = pow2(batch, high=256), pow2(pool_size, high=256), pow2(batch * k, high=256)
         bd = pow2(width, high=1024 if use_dot else 32)
     else:
-        bb, bm, br, bd = 16, 16 if pool_size <= 16 else 32, 16, 64 if use_dot else 16
+        bb, bm, br, bd = 16, kernels()[2].GRAD_BLOCK_M, 16, 64 if use_dot else 16
     with device_guard(x_norm):
         bwd.pull_weight_kernel[(batch,)](
             g_sim if g_sim is not None else weight, g_rs if g_rs is not None else weight, idx, weight,

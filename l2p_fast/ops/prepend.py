@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import register
-from .triton_launch import reject_forward_ad
 from .pool import triton_grad_prompt
 from .pool_triton import launch_prepend
+from .triton_launch import reject_forward_ad
 
 register("prepend", "reference", "cpu", "cuda")(reference.prepend)
 
