@@ -1,11 +1,11 @@
-"""Triton device code of the one-pass sequence assembly (host launchers: l2p_fast/models/assembly_triton.py).
+"""Triton device code of the one-pass sequence assembly (host launchers: l2p_fast/ops/assemble_triton.py).
 
 ``assemble_kernel``: one program per (sample b, tile of BLOCK_R sequence rows); each row of the final
 (B, 1 + K·Lp + N, D) buffer is read from its one source — CLS, the selected prompt row or the
 token — and written once, with the positional row added. ``prompt_grad_kernel``: one program per
 (prompt m, prompt row l, D tile), summing the gradient rows of every (b, j) with idx[b, j] == m in
 (b, j) order (deterministic, no atomics). Every load and store is masked to the tensors' bounds;
-ids outside [0, M) read nothing (they give zeros).
+ids outside [0, M) are clamped into it, as in every backend.
 """
 
 import triton
@@ -40,8 +40,7 @@ def assemble_kernel(
     j = slot // length
     lrow = slot % length
     ids = tl.load(idx_ptr + b * is0 + j * is1, mask=is_prompt, other=0)
-    valid_id = (ids >= 0) & (ids < pool_size)
-    ids = tl.where(valid_id, ids, 0)
+    ids = tl.minimum(tl.maximum(ids, 0), pool_size - 1)  # out-of-range ids are clamped, as in every backend
     n = tl.where(is_token, rows - 1 - prompt_len, 0)
     out_dtype = out_ptr.dtype.element_ty
     for d0 in range(0, width, BLOCK_D):
@@ -50,7 +49,7 @@ def assemble_kernel(
         c = tl.load(cls_ptr + b * cs0 + d * cs2, mask=dmask, other=0.0)
         p = tl.load(
             prompt_ptr + ids[:, None] * ps0 + lrow[:, None] * ps1 + d[None, :] * ps2,
-            mask=(is_prompt & valid_id)[:, None] & dmask[None, :],
+            mask=is_prompt[:, None] & dmask[None, :],
             other=0.0,
         )
         t = tl.load(
@@ -78,6 +77,7 @@ def prompt_grad_kernel(
     ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)  # r = m * length + l
+    pool_size = tl.num_programs(0) // length  # the grid has one program per prompt row
     m = r // length
     lrow = r % length
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -89,6 +89,7 @@ def prompt_grad_kernel(
     for b in range(0, batch):
         for j in range(0, top_k):
             sel = tl.load(idx_ptr + b * is0 + j * is1)
+            sel = tl.minimum(tl.maximum(sel, 0), pool_size - 1)
             if sel == m:
                 row = tl.load(grad_ptr + b * gs0 + (1 + j * length + lrow) * gs1 + d * gs2, mask=dmask, other=0.0)
                 acc += row.to(acc.dtype)

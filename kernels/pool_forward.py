@@ -20,8 +20,9 @@ SQUARED_NORM_EPS = tl.constexpr(1e-12)
 
 @triton.jit
 def inv_norm(sumsq):
-    """rsqrt(max(Σ v², 1e-12)): the clamp is on the squared norm (SPEC §4.2)."""
-    return 1.0 / tl.sqrt(tl.maximum(sumsq, SQUARED_NORM_EPS))
+    """rsqrt(max(Σ v², 1e-12)): the clamp is on the squared norm (SPEC §4.2); a NaN sum stays NaN, as
+    torch.clamp_min does (tl.maximum alone would return the eps, on the GPU and in the interpreter)."""
+    return 1.0 / tl.sqrt(tl.maximum(sumsq, SQUARED_NORM_EPS, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -49,12 +50,20 @@ def _copy_tokens_and_reduce(
                 if QUERY != 1:
                     acc_sum += tl.sum(tf, 0)
                 if QUERY != 0:
-                    tmax = tl.where(mask, tf, float("-inf"))
+                    # as torch.max: the first NaN wins over every number, else the first maximum. NaN is
+                    # handled apart: tl.max's NaN behaviour differs between the GPU and the interpreter.
+                    isnan = (tf != tf) & mask
+                    nan_arg = tl.min(tl.where(isnan, n[:, None], 2147483647), 0)
+                    tile_nan = nan_arg < 2147483647
+                    number = mask & (tf == tf)
+                    tmax = tl.where(number, tf, float("-inf"))
                     bmax = tl.max(tmax, 0)
-                    barg = tl.min(tl.where((tmax == bmax[None, :]) & mask, n[:, None], 2147483647), 0)
-                    better = bmax > acc_max  # strictly greater: the first maximum wins, as torch.max
-                    acc_max = tl.where(better, bmax, acc_max)
-                    acc_arg = tl.where(better, barg, acc_arg)
+                    barg = tl.min(tl.where((tmax == bmax[None, :]) & number, n[:, None], 2147483647), 0)
+                    kept_nan = acc_max != acc_max
+                    take_nan = tile_nan & ~kept_nan
+                    better = (bmax > acc_max) & ~kept_nan & ~tile_nan  # strict: the first maximum wins
+                    acc_max = tl.where(take_nan, float("nan"), tl.where(better, bmax, acc_max))
+                    acc_arg = tl.where(take_nan, nan_arg, tl.where(better, barg, acc_arg))
         if QUERY == 3:
             q = tl.load(cls_row + d * scd, mask=dmask, other=0.0).to(CT)
         elif QUERY == 0:
@@ -73,7 +82,11 @@ def _copy_tokens_and_reduce(
 
 @triton.jit
 def _rank_select(score_row, idx_row, M, K, BLOCK_M: tl.constexpr):
-    """idx_row[rank(m)] = m for every m of rank < K, rank by descending score, ties → lower id."""
+    """idx_row[rank(m)] = m for every m of rank < K, rank by descending score, ties → lower id.
+
+    NaN ranks above every number (the order of torch.topk / torch.sort(descending=True)), NaNs among
+    themselves by id, so the ranks are a permutation of 0…M−1 and every slot of idx_row is written.
+    """
     offs = tl.arange(0, BLOCK_M)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs
@@ -83,7 +96,11 @@ def _rank_select(score_row, idx_row, M, K, BLOCK_M: tl.constexpr):
         for j0 in range(0, M, BLOCK_M):
             j = j0 + offs
             s_j = tl.load(score_row + j, mask=j < M, other=0)
-            beats = (s_j[None, :] > s_m[:, None]) | ((s_j[None, :] == s_m[:, None]) & (j[None, :] < m[:, None]))
+            j_nan = (s_j != s_j)[None, :]
+            m_nan = (s_m != s_m)[:, None]
+            lower = j[None, :] < m[:, None]
+            numbers = (s_j[None, :] > s_m[:, None]) | ((s_j[None, :] == s_m[:, None]) & lower)
+            beats = tl.where(j_nan | m_nan, j_nan & (~m_nan | lower), numbers)
             beats = beats & (j < M)[None, :]
             rank += tl.sum(beats.to(tl.int32), 1)
         tl.store(idx_row + rank, m.to(tl.int64), mask=mmask & (rank < K))
@@ -126,7 +143,7 @@ def _gather_row(
             k = tl.load(keys_ptr + ids[:, None] * skm + d[None, :] * skd, mask=jmask[:, None] & (d < D)[None, :],
                         other=0.0).to(CT)
             kss += tl.sum(k * k, 1)
-        r = 1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS))
+        r = 1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS, propagate_nan=tl.PropagateNan.ALL))
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             mask = jmask[:, None] & (d < D)[None, :]
@@ -186,7 +203,8 @@ def select_kernel(
             k = k.to(CT)
             dot += tl.sum(k * xn[None, :], 1)
             kss += tl.sum(k * k, 1)
-        tl.store(sim_ptr + b * M + m, dot * (1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS))), mask=mmask)
+        rk = 1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS, propagate_nan=tl.PropagateNan.ALL))
+        tl.store(sim_ptr + b * M + m, dot * rk, mask=mmask)
     # prompt_norm: tiles of BLOCK_M rows shared out among the programs (same code as in _gather_row)
     for m0 in range(tl.program_id(0) * BLOCK_M, M, nprog * BLOCK_M):
         m = m0 + offs_m
@@ -198,7 +216,7 @@ def select_kernel(
                         other=0.0).to(CT)
             kss += tl.sum(k * k, 1)
         tl.store(kss_ptr + m, kss, mask=mmask)
-        r = 1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS))
+        r = 1.0 / tl.sqrt(tl.maximum(kss, SQUARED_NORM_EPS, propagate_nan=tl.PropagateNan.ALL))
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             mask = mmask[:, None] & (d < D)[None, :]
@@ -208,8 +226,9 @@ def select_kernel(
     if HAS_MASK:
         for k0 in range(0, K, BLOCK_M):
             kk = k0 + offs_m
-            ids = tl.load(mask_ptr + b * smb + kk * smk, mask=kk < K, other=0)
-            tl.store(idx_row + kk, ids.to(tl.int64), mask=kk < K)
+            ids = tl.load(mask_ptr + b * smb + kk * smk, mask=kk < K, other=0).to(tl.int64)
+            ids = tl.minimum(tl.maximum(ids, 0), M - 1)  # out-of-range ids are clamped, as in every backend
+            tl.store(idx_row + kk, ids, mask=kk < K)
     else:
         tl.debug_barrier()
         _rank_select(sim_ptr + b * M, idx_row, M, K, BLOCK_M)

@@ -1,4 +1,13 @@
-"""GPU autotuning of the element-wise kernels (their bits do not depend on the config, so tuning
+"""GPU launch parameters of the Triton kernels, chosen from compiler figures, not timings.
+
+Every block size and warp count below was picked from ahead-of-time compiles for sm_80 and sm_90
+(``scripts/triton_resources.py``: registers, spills, resident warps per SM; the table is in
+docs/design/gpu-resources.md) so that no configuration spills and the copy kernels keep many warps
+resident; tests/gpu/test_triton_compile.py fails if one spills. The host launchers
+(``l2p_fast/ops/pool_triton.py``, ``assemble_triton.py``) read them here for GPU launches; under the
+interpreter they pick their own few, big blocks.
+
+Autotuning covers only the element-wise kernels (their bits do not depend on the config, so tuning
 cannot break determinism). Under TRITON_INTERPRET=1 there is no driver to time with: the plain
 kernels are exported and the launcher passes block sizes itself (``AUTOTUNED`` is False).
 """
@@ -12,6 +21,38 @@ from .pool_forward import prepend_kernel as _prepend_kernel
 
 AUTOTUNED = os.environ.get("TRITON_INTERPRET") != "1"
 
+# select / vote_gather (one program per batch row): BLOCK_M = 64 spilled ~700 B per thread in fp64 and
+# took 211 registers in fp32 at 4 warps; BLOCK_M <= 32 with 8 warps: 64 registers (fp32), 124-128 (fp64).
+SELECT_MAX_BLOCK_M = 32
+SELECT_MAX_BLOCK_D = 128
+SELECT_WARPS = 8
+# grad_query / grad_keys: BLOCK_M = 32 spilled on sm_80 (fp32 with tl.dot: 255 registers + 32 B stack);
+# 16 keys per program: 108-146 registers, no spill, in fp32 and fp64.
+GRAD_BLOCK_M = 16
+# Copy kernels: elements per program (4 warps). The assembly moved 8,192 (219 registers in fp32, 8 warps
+# resident per SM, fp64 spilling); 1,024 give 34-54 registers and 36-48 resident warps.
+ASSEMBLE_TILE = 1024
+# Autotune lists: at most this many elements per thread (fp64 tiles of 64 per thread spilled up to 2.7 KB).
+MAX_ELEMENTS_PER_THREAD = 16
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+
+
+def forward_blocks(n: int, d: int, m: int, k: int, lpd: int) -> dict[str, int]:
+    """Blocks and warps of ``select_kernel`` / ``vote_gather_kernel`` on a GPU (N, D, M, K, Lp·D)."""
+    block_e = _pow2(lpd, 16, 1024)
+    return {"BLOCK_D": _pow2(d, 16, SELECT_MAX_BLOCK_D), "BLOCK_N": 32, "BLOCK_M": _pow2(m, 16, SELECT_MAX_BLOCK_M),
+            "BLOCK_S": max(2, 4096 // block_e), "BLOCK_E": block_e, "num_warps": SELECT_WARPS}
+
+
+def assemble_rows(seq: int, block_d: int) -> int:
+    """Sequence rows per program of ``assemble_kernel``: ASSEMBLE_TILE elements on a GPU (8,192 under the
+    interpreter, which pays per program)."""
+    tile = ASSEMBLE_TILE if AUTOTUNED else 8192
+    return max(1, min(64, triton.next_power_of_2(max(seq, 1)), tile // block_d))
+
 
 def _configs(rows: tuple[int, ...], cols: tuple[int, ...], row_name: str) -> list:
     return [
@@ -19,7 +60,7 @@ def _configs(rows: tuple[int, ...], cols: tuple[int, ...], row_name: str) -> lis
         for r in rows
         for c in cols
         for w in (4, 8)
-        if r * c <= 8192
+        if r * c <= MAX_ELEMENTS_PER_THREAD * 32 * w
     ]
 
 
