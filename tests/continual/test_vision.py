@@ -39,11 +39,22 @@ def test_vision_methods_run(method, image_file, tiny_vit, tmp_path):
     cfg = RunConfig(method=method, benchmark="tensor_file", data=image_file, classes_per_task=2, epochs=1,
                     batch_size=4, pool_size=4, top_k=1, prompt_length=2, buffer_per_class=1, progress=False,
                     checkpoint_every=0, num_threads=1)
-    results = train(cfg, tmp_path, backbone=tiny_vit)
-    assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
-    assert results["benchmark"] == "tensor_file" and results["train_size"] == 16
+    results = train(cfg, tmp_path / "a", backbone=tiny_vit)
+    matrix = results["accuracy_matrix"]
+    assert [len(r) for r in matrix] == [1, 2]
+    assert results["benchmark"] == "tensor_file" and results["train_size"] == 16 and results["test_size"] == 8
+    # 4 test images per task: every accuracy is a multiple of 25 %
+    assert all(0.0 <= a <= 100.0 and a % 25.0 == 0.0 for row in matrix for a in row), matrix
+    assert results["average_accuracy"] == pytest.approx(sum(matrix[-1]) / 2)
+    assert results["train_examples"] == 16  # replayed examples are not counted
+    assert results["tasks"] == [["a", "b"], ["c", "d"]]
     if method == "l2p":
-        assert sum(results["prompt_counts_test"][1]) == 4  # 4 test images of task 1, top_k 1
+        assert [sum(c) for c in results["prompt_counts_test"]] == [4, 4]  # the last evaluation: 4 images per task
+        assert [sum(c) for c in results["prompt_counts_train"]] == [8, 8]  # 8 training images per task, top_k 1
+    if method == "er":
+        assert results["buffer_size"] == 4  # 1 per class
+    again = train(cfg, tmp_path / "b", backbone=tiny_vit)
+    assert again["accuracy_matrix"] == matrix  # seeded: the same numbers again
 
 
 def test_vision_backbone_errors():
