@@ -4,8 +4,8 @@ On the CPU, glibc returns big freed blocks to the kernel, so a fresh (B, K·Lp +
 page faults and zeroing on every call — more than writing it. The native ops take their large
 outputs (≥ 256 KiB: the prompted sequence, the assembled sequence, token gradients) from a small
 cache of blocks released by earlier outputs. Unused blocks stay below a limit (default 1024 MB, or
-``L2P_FAST_CPU_CACHE_MB``; 0 turns the cache off), oldest freed first. Live tensors are reported to
-PyTorch's memory profiler like any CPU allocation.
+``L2P_FAST_CPU_CACHE_MB``, an integer in [0, 2**43); 0 turns the cache off), oldest freed first. Live
+tensors are reported to PyTorch's memory profiler like any CPU allocation.
 
 Outputs larger than half the last-level cache are written with streaming (non-temporal) stores: they
 would be evicted before anyone reads them, and regular stores would first read every destination line
@@ -13,6 +13,8 @@ into the cache. ``set_cpu_stream_threshold`` moves that size.
 """
 
 from __future__ import annotations
+
+import math
 
 from . import _native
 
@@ -33,10 +35,20 @@ def empty_cpu_cache() -> None:
     _extension().cpu_output_cache_clear()
 
 
+# The byte count of the limit is an int64 in the extension: at most 2**63 - 1 bytes, i.e. below 2**43 MB.
+MAX_CACHE_MB = 2**43
+
+
 def set_cpu_cache_limit(megabytes: float) -> None:
-    """Keep at most ``megabytes`` of unused blocks (0: off, every output is a fresh allocation)."""
-    if isinstance(megabytes, bool) or not isinstance(megabytes, int | float) or megabytes < 0:
-        raise ValueError(f"megabytes: expected a non-negative number, got {megabytes!r}")
+    """Keep at most ``megabytes`` (a number in [0, 2**43)) of unused blocks (0: off, every output is a fresh
+    allocation)."""
+    if (
+        isinstance(megabytes, bool)
+        or not isinstance(megabytes, int | float)
+        or not math.isfinite(megabytes)
+        or not 0 <= megabytes < MAX_CACHE_MB
+    ):
+        raise ValueError(f"megabytes: expected a finite number in [0, 2**43), got {megabytes!r}")
     _extension().cpu_output_cache_set_limit(int(megabytes * 2**20))
 
 

@@ -140,15 +140,30 @@ def test_leaf_token_grad_is_contiguous_and_exact() -> None:
     assert torch.equal(base.grad, grad[:, K * LP :])
 
 
-def test_bad_limits_raise() -> None:
-    with pytest.raises(ValueError, match="megabytes: expected a non-negative number, got -1"):
-        l2p_fast.set_cpu_cache_limit(-1)
+@pytest.mark.parametrize("bad", [-1, float("inf"), float("-inf"), float("nan"), 1e30, 2**43, True, "8", None])
+def test_bad_limits_raise_a_clear_error(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"megabytes: expected a finite number in \[0, 2\*\*43\), got "):
+        l2p_fast.set_cpu_cache_limit(bad)
+
+
+def test_largest_limit_is_accepted() -> None:
+    l2p_fast.set_cpu_cache_limit(2**43 - 1)
+    assert l2p_fast.cpu_cache_stats()["limit_bytes"] == (2**43 - 1) * 2**20
+
+
+@pytest.mark.parametrize("value", ["lots", "99999999999999999999", str(2**43)])  # 2**43 MB overflows int64 bytes
+def test_bad_env_limits_raise_a_clear_error(value: str) -> None:
     code = "import l2p_fast, torch; l2p_fast.cpu_cache_stats()"
-    env = dict(os.environ, L2P_FAST_CPU_CACHE_MB="lots")
+    env = dict(os.environ, L2P_FAST_CPU_CACHE_MB=value)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert run.returncode != 0 and "L2P_FAST_CPU_CACHE_MB: expected a non-negative integer" in run.stderr
-    env["L2P_FAST_CPU_CACHE_MB"] = "0"
-    code = "import l2p_fast; assert l2p_fast.cpu_cache_stats()['limit_bytes'] == 0"
+    assert run.returncode != 0
+    assert f"L2P_FAST_CPU_CACHE_MB: expected a non-negative integer (megabytes) of at most {2**43 - 1}, got '{value}'" in run.stderr
+
+
+@pytest.mark.parametrize("value", ["0", str(2**43 - 1)])  # off, and the largest limit
+def test_env_limits_in_range_are_used(value: str) -> None:
+    env = dict(os.environ, L2P_FAST_CPU_CACHE_MB=value)
+    code = f"import l2p_fast; assert l2p_fast.cpu_cache_stats()['limit_bytes'] == {int(value) * 2**20}"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
 

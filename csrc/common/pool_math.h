@@ -78,6 +78,17 @@ L2P_HD bool ranks_before(T a, int64_t id_a, T b, int64_t id_b) {
   return a > b || (a == b && id_a < id_b);
 }
 
+// Whether v replaces the running maximum `best` of torch.max: NaN wins over every number and the first
+// NaN stays; otherwise only a strictly greater value replaces it (the first maximum wins).
+template <typename T>
+L2P_HD bool replaces_max(T v, T best) {
+  return v > best || (v != v && best == best);
+}
+
+// A prompt id clamped into [0, pool): where the Python value check is skipped (under torch.compile) an
+// out-of-range id selects the nearest valid prompt, as in every backend, and no kernel reads out of bounds.
+L2P_HD int64_t clamp_id(int64_t id, int64_t pool) { return id < 0 ? 0 : (id >= pool ? pool - 1 : id); }
+
 // Position of entry i in the descending order of values[0..count) (a permutation of 0..count-1).
 template <typename T>
 L2P_HD int64_t descending_rank(const T* values, int64_t count, int64_t i) {

@@ -6,7 +6,7 @@
 // Inputs may be strided views (timm's patch embedding is a transposed view); mixed dtypes are cast
 // to the promoted output dtype first (a no-op in the usual all-fp32 case).
 // Backward of the prompt: grad_prompt[m, l] = sum over (b, j) with idx[b, j] == m, in (b, j) order
-// (deterministic, no atomics).
+// (deterministic, no atomics). Ids outside [0, M) are clamped into it (math::clamp_id), as in every backend.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/output_cache.h"
+#include "common/pool_math.h"
 
 namespace l2p_fast {
 namespace {
@@ -137,8 +138,7 @@ void assemble_kernel(const at::Tensor& x, const at::Tensor& prompt, const at::Te
         step = cs2;
       } else if (s <= prompt_len) {
         const int64_t j = (s - 1) / length, l = (s - 1) % length;
-        const int64_t id = idx_ptr[b * is0 + j * is1];
-        TORCH_CHECK(id >= 0 && id < pool, "assemble: idx[", b, ", ", j, "] = ", id, " is outside [0, ", pool, ")");
+        const int64_t id = math::clamp_id(idx_ptr[b * is0 + j * is1], pool);
         src = p_ptr + id * ps0 + l * ps1;
         step = ps2;
       } else if (xs1 == 1 && xs2 != 1) {
@@ -193,7 +193,7 @@ void prompt_grad_kernel(const at::Tensor& grad, const at::Tensor& idx, int64_t p
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t b = 0; b < batch; ++b) {
         for (int64_t j = 0; j < top_k; ++j) {
-          if (idx_ptr[b * is0 + j * is1] != m) continue;
+          if (math::clamp_id(idx_ptr[b * is0 + j * is1], pool) != m) continue;
           const scalar_t* row = g_ptr + b * gs0 + (1 + j * length + l) * gs1;
           for (int64_t d = 0; d < width; ++d) acc[d] += static_cast<acc_t>(row[d]);
         }

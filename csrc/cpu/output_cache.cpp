@@ -11,8 +11,10 @@
 #include <c10/util/accumulate.h>
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <deque>
 #include <iterator>
 #include <mutex>
@@ -62,13 +64,18 @@ void free_block(void* ptr, size_t size) {
   }
 }
 
+// The largest limit in megabytes whose byte count fits an int64_t.
+constexpr long long kMaxLimitMb = std::numeric_limits<int64_t>::max() >> 20;
+
 int64_t limit_from_env() {
   const char* value = std::getenv("L2P_FAST_CPU_CACHE_MB");
   if (value == nullptr || *value == '\0') return int64_t{1024} << 20;
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0' && mb >= 0,
-              "L2P_FAST_CPU_CACHE_MB: expected a non-negative integer (megabytes), got '", value, "'");
+  TORCH_CHECK(end != value && *end == '\0' && errno != ERANGE && mb >= 0 && mb <= kMaxLimitMb,
+              "L2P_FAST_CPU_CACHE_MB: expected a non-negative integer (megabytes) of at most ", kMaxLimitMb, ", got '",
+              value, "'");
   return static_cast<int64_t>(mb) << 20;
 }
 

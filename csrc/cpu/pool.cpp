@@ -62,7 +62,7 @@ inline void reduce_token(const x_t* __restrict token, x_t* __restrict copy, acc_
     const acc_t v = cast_to<acc_t>(raw);
     if constexpr (kSum) sum[d] += v;
     if constexpr (kMax) {
-      const bool greater = v > best[d];  // strict: the first maximum wins, as torch.max does
+      const bool greater = math::replaces_max(v, best[d]);  // as torch.max: NaN wins, then the first maximum
       best[d] = greater ? v : best[d];
       arg[d] = greater ? n : arg[d];
     }
@@ -140,6 +140,9 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
     for (int64_t m = begin; m < end; ++m) normalise(keys + m * width, kn + m * width, ks + m);
   });
   const bool choose = !a.mask.defined();
+  if (!choose) {  // idx holds a copy of prompt_mask: out-of-range ids are clamped (math::clamp_id)
+    for (int64_t i = 0; i < batch * top_k; ++i) idx[i] = math::clamp_id(idx[i], pool);
+  }
   at::parallel_for(0, batch, grain_for(pool * width), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       normalise(q + b * width, xn + b * width, qs + b);
@@ -152,12 +155,7 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
       }
     }
   });
-  if (!choose) {
-    for (int64_t i = 0; i < batch * top_k; ++i) {
-      TORCH_CHECK(idx[i] >= 0 && idx[i] < pool, "pool_forward: prompt_mask ids must be in [0, ", pool, "), got ",
-                  idx[i]);
-    }
-  } else if (a.batchwise) {
+  if (a.batchwise) {
     std::vector<int64_t> counts(pool, 0), winners(top_k, 0);
     for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
     for (int64_t m = 0; m < pool; ++m) {
@@ -290,7 +288,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
           for (int64_t d = 0; d < width; ++d) g[d] += s * kn[m * width + d];
         }
         for (int64_t k = 0; k < top_k; ++k) {
-          const acc_t* key = kn + idx[b * top_k + k] * width;
+          const acc_t* key = kn + math::clamp_id(idx[b * top_k + k], pool) * width;
           for (int64_t d = 0; d < width; ++d) g[d] += coef * key[d];
         }
         l2n_grad_into(g.data(), xn + b * width, qs[b], width, grad_q + b * width);
@@ -309,7 +307,7 @@ void query_and_key_grads(const BackwardArgs& a, acc_t* grad_q, acc_t* grad_k) {
       }
       for (int64_t b = 0; b < batch; ++b) {
         for (int64_t k = 0; k < top_k; ++k) {
-          if (idx[b * top_k + k] != m) continue;
+          if (math::clamp_id(idx[b * top_k + k], pool) != m) continue;
           const acc_t* x_row = xn + b * width;
           const acc_t* sel = g_sel != nullptr ? g_sel + (b * top_k + k) * width : nullptr;
           for (int64_t d = 0; d < width; ++d) g[d] += (sel != nullptr ? sel[d] : acc_t(0)) + coef * x_row[d];
@@ -369,10 +367,7 @@ void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
   const int64_t seq = top_k * length + a.tokens, pairs = a.batch * top_k;
   const int64_t* idx = a.idx.data_ptr<int64_t>();
   std::vector<int64_t> start(pool + 1, 0), order(pairs);
-  for (int64_t i = 0; i < pairs; ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < pool, "pool_backward: ids must be in [0, ", pool, "), got ", idx[i]);
-    ++start[idx[i] + 1];
-  }
+  for (int64_t i = 0; i < pairs; ++i) ++start[math::clamp_id(idx[i], pool) + 1];
   std::vector<int64_t> chosen;  // prompt ids with at least one (row, slot), increasing
   for (int64_t m = 0; m < pool; ++m) {
     if (start[m + 1] > 0) {
@@ -383,7 +378,7 @@ void prompt_grads(const BackwardArgs& a, prompt_t* grad_prompt) {
   }
   for (int64_t m = 0; m < pool; ++m) start[m + 1] += start[m];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < pairs; ++i) order[fill[idx[i]]++] = i;  // increasing i = (b, j) order
+  for (int64_t i = 0; i < pairs; ++i) order[fill[math::clamp_id(idx[i], pool)]++] = i;  // increasing (b, j) order
   const grad_t* g = a.grad_prompted.data_ptr<grad_t>();
   const int64_t rows = static_cast<int64_t>(chosen.size()) * length;
   const int64_t reads_per_row = pairs * width / std::max<int64_t>(1, static_cast<int64_t>(chosen.size()));

@@ -7,6 +7,8 @@
 #include <limits>
 #include <tuple>
 
+#include "common/pool_math.h"
+
 namespace l2p_fast {
 namespace {
 
@@ -27,7 +29,7 @@ void reduce_rows(const at::Tensor& x, int64_t mode, at::Tensor& q, at::Tensor& a
         for (int64_t n = 0; n < tokens; ++n) {
           const acc_t v = static_cast<acc_t>(row[n * width + d]);
           sum += v;
-          if (v > best) {  // strict: the first maximum wins, as torch.max does
+          if (math::replaces_max(v, best)) {  // as torch.max: NaN wins, then the first maximum
             best = v;
             best_n = n;
           }

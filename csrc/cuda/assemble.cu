@@ -1,7 +1,7 @@
 // CUDA one-pass sequence assembly (same contract as csrc/cpu/assemble.cpp):
 //   out[b, s] = source row of s (CLS, prompt[idx[b, j], l] or x[b, n]) (+ pos[0, s]), written once.
 // One block per output row (b, s), threads over D. Strided inputs are read as they are. Ids outside
-// [0, M) are never dereferenced: their rows are written as zeros (+ pos), since a kernel cannot raise.
+// [0, M) are clamped into it (math::clamp_id), as in every backend: a kernel cannot raise.
 // assemble_prompt_grad: one thread per (m, l, d) sums the selected gradient rows in (b, j) order
 // (deterministic, no atomics).
 #include <ATen/ATen.h>
@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <type_traits>
+
+#include "common/pool_math.h"
 
 namespace l2p_fast {
 namespace {
@@ -38,11 +40,9 @@ __global__ void assemble_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     step = sh.cs2;
   } else if (s <= sh.prompt_len) {
     const int64_t j = (s - 1) / sh.length, l = (s - 1) % sh.length;
-    const int64_t id = idx[b * sh.is0 + j * sh.is1];
-    if (id >= 0 && id < sh.pool) {
-      src = prompt + id * sh.ps0 + l * sh.ps1;
-      step = sh.ps2;
-    }
+    const int64_t id = math::clamp_id(idx[b * sh.is0 + j * sh.is1], sh.pool);
+    src = prompt + id * sh.ps0 + l * sh.ps1;
+    step = sh.ps2;
   } else {
     src = x + b * sh.xs0 + (s - 1 - sh.prompt_len) * sh.xs1;
     step = sh.xs2;
@@ -71,7 +71,7 @@ __global__ void prompt_grad_kernel(const scalar_t* __restrict__ grad, const int6
   acc_t acc = 0;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t j = 0; j < top_k; ++j) {
-      if (idx[b * is0 + j * is1] == m) acc += static_cast<acc_t>(grad[b * gs0 + (1 + j * length + l) * gs1 + d * gs2]);
+      if (math::clamp_id(idx[b * is0 + j * is1], pool) == m) acc += static_cast<acc_t>(grad[b * gs0 + (1 + j * length + l) * gs1 + d * gs2]);
     }
   }
   out[i] = static_cast<scalar_t>(acc);

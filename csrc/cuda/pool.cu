@@ -42,7 +42,7 @@ __global__ void tokens_kernel(const x_t* __restrict__ x, out_t* __restrict__ out
     if (mode == kModeCls) continue;
     const acc_t a = cast_to<acc_t>(v);
     sum += a;
-    if (a > best) {  // strict: the first maximum wins, as torch.max does
+    if (math::replaces_max(a, best)) {  // as torch.max: NaN wins, then the first maximum
       best = a;
       arg = static_cast<int32_t>(n);
     }
@@ -73,7 +73,10 @@ __global__ void score_kernel(const acc_t* __restrict__ xn, const acc_t* __restri
   if (b >= batch) return;
   acc_t* row = sim + b * pool;
   for (int64_t m = 0; m < pool; ++m) row[m] = math::row_dot(xn + b * width, kn + m * width, width);
-  if (!choose) return;
+  if (!choose) {  // idx holds a copy of prompt_mask: clamp out-of-range ids
+    for (int64_t k = 0; k < top_k; ++k) idx[b * top_k + k] = math::clamp_id(idx[b * top_k + k], pool);
+    return;
+  }
   for (int64_t m = 0; m < pool; ++m) {
     const int64_t rank = math::descending_rank(row, pool, m);
     if (rank < top_k) idx[b * top_k + rank] = m;
@@ -95,15 +98,13 @@ __global__ void vote_kernel(int64_t* __restrict__ idx, int64_t* __restrict__ cou
   }
 }
 
-// One thread per (b, k, d): selected_key = prompt_norm[idx]. Ids outside [0, M) are refused.
+// One thread per (b, k, d): selected_key = prompt_norm[idx] (ids clamped into [0, M)).
 template <typename acc_t>
 __global__ void selected_kernel(const acc_t* __restrict__ kn, const int64_t* __restrict__ idx,
                                 acc_t* __restrict__ selected, int64_t rows, int64_t pool, int64_t width) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * width) return;
-  const int64_t id = idx[i / width];
-  CUDA_KERNEL_ASSERT(id >= 0 && id < pool);
-  if (id < 0 || id >= pool) return;
+  const int64_t id = math::clamp_id(idx[i / width], pool);
   selected[i] = kn[id * width + i % width];
 }
 
@@ -115,8 +116,7 @@ __global__ void reduce_sim_kernel(const acc_t* __restrict__ sim, const int64_t* 
   acc_t total = 0;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t k = 0; k < top_k; ++k) {
-      const int64_t id = idx[b * top_k + k];
-      if (id >= 0 && id < pool) total += sim[b * pool + id];
+      total += sim[b * pool + math::clamp_id(idx[b * top_k + k], pool)];
     }
   }
   *out = total / static_cast<acc_t>(batch);
@@ -131,9 +131,7 @@ __global__ void gather_kernel(const out_t* __restrict__ prompt, const int64_t* _
   const int64_t head = top_k * length * width;
   if (i >= batch * head) return;
   const int64_t b = i / head, r = i % head, j = r / (length * width), within = r % (length * width);
-  const int64_t id = idx[b * top_k + j];
-  CUDA_KERNEL_ASSERT(id >= 0 && id < pool);
-  if (id < 0 || id >= pool) return;
+  const int64_t id = math::clamp_id(idx[b * top_k + j], pool);
   out[b * seq * width + r] = prompt[id * length * width + within];
 }
 
@@ -209,8 +207,7 @@ __global__ void query_norm_grad_kernel(const acc_t* __restrict__ g_xn, const acc
   acc_t v = g_xn[i];
   for (int64_t m = 0; m < pool; ++m) v += g_sim[b * pool + m] * kn[m * width + d];
   for (int64_t k = 0; k < top_k; ++k) {
-    const int64_t id = idx[b * top_k + k];
-    if (id >= 0 && id < pool) v += coef * kn[id * width + d];
+    v += coef * kn[math::clamp_id(idx[b * top_k + k], pool) * width + d];
   }
   g[i] = v;
 }
@@ -230,7 +227,7 @@ __global__ void key_norm_grad_kernel(const acc_t* __restrict__ g_kn, const acc_t
   for (int64_t b = 0; b < batch; ++b) v += g_sim[b * pool + m] * xn[b * width + d];
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t k = 0; k < top_k; ++k) {
-      if (idx[b * top_k + k] == m) v += g_sel[(b * top_k + k) * width + d] + coef * xn[b * width + d];
+      if (math::clamp_id(idx[b * top_k + k], pool) == m) v += g_sel[(b * top_k + k) * width + d] + coef * xn[b * width + d];
     }
   }
   g[i] = v;
@@ -287,7 +284,7 @@ __global__ void prompt_grad_kernel(const grad_t* __restrict__ g, const int64_t* 
   const int64_t m = i / (length * width), within = i % (length * width);
   sum_t acc = 0;
   for (int64_t p = 0; p < pairs; ++p) {
-    if (idx[p] != m) continue;
+    if (math::clamp_id(idx[p], pool) != m) continue;
     const int64_t b = p / top_k, j = p % top_k;
     acc += cast_to<sum_t>(g[b * seq * width + j * length * width + within]);
   }

@@ -1,5 +1,5 @@
 // CUDA query reduction (SPEC §4.1): one thread per (row, feature), tokens walked in order so the
-// first maximum wins, as on the CPU.
+// first maximum wins and NaN propagates, as on the CPU (math::replaces_max).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "common/pool_math.h"
 
 namespace l2p_fast {
 namespace {
@@ -25,7 +27,7 @@ __global__ void reduce_rows_kernel(const scalar_t* __restrict__ x, int64_t batch
   for (int64_t n = 0; n < tokens; ++n) {
     const acc_t v = static_cast<acc_t>(row[n * width]);
     sum += v;
-    if (v > best) {
+    if (math::replaces_max(v, best)) {  // as torch.max: NaN wins, then the first maximum
       best = v;
       best_n = n;
     }
