@@ -33,7 +33,7 @@ def tiny_backbone(tiny_bert_path):
     return load_text_backbone(tiny_bert_path)
 
 
-def tiny_config(method: str, backbone: str, **overrides):
+def make_tiny_config(method: str, backbone: str, **overrides):
     """A seconds-long run on wordnet20 (5 tasks of 4 classes, 4 train / 2 test per class) on one thread."""
     from l2p_fast.continual.config import RunConfig
 
@@ -44,3 +44,21 @@ def tiny_config(method: str, backbone: str, **overrides):
     )
     values.update(overrides)
     return RunConfig(**values)
+
+
+@pytest.fixture
+def tiny_config():
+    """:func:`make_tiny_config`, as a fixture (tests do not import conftest)."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """A 1-block width-24 random timm ViT for 16x16 images (patch 8), as a vision :class:`Backbone`."""
+    timm = pytest.importorskip("timm", reason="needs timm (the ViT backbone)")
+    from l2p_fast.continual.backbones import Backbone
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8,
+                              depth=1, embed_dim=24, num_heads=2)
+    return Backbone("vision", "tiny-vit", model.eval())

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from l2p_fast.continual.batching import build_pool
 from l2p_fast.continual.compare import compare, parse_methods
@@ -27,7 +26,7 @@ def test_parse_methods():
         parse_methods(" , ")
 
 
-def test_compare_writes_runs_table_and_plots(tiny_backbone, tmp_path, capsys):
+def test_compare_writes_runs_table_and_plots(tiny_backbone, tmp_path, capsys, tiny_config):
     cfg = tiny_config("l2p", tiny_backbone.name)
     results = compare("l2p,seq-frozen,joint", cfg, tmp_path, backbone=tiny_backbone)
     assert [r["method"] for r in results] == ["l2p", "seq-frozen", "joint"]

@@ -10,7 +10,6 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from l2p_fast.continual import output
 from l2p_fast.continual.batching import generator, train_batches
@@ -25,18 +24,6 @@ from l2p_fast.continual.config import RunConfig
 from l2p_fast.continual.output import OutputError, run_lock, write_bytes_atomic
 from l2p_fast.continual.preflight import check_backend
 from l2p_fast.continual.trainer import NonFiniteLossError, Trainer, train
-
-timm = pytest.importorskip("timm", reason="needs timm (the ViT backbone)")
-
-
-@pytest.fixture(scope="module")
-def tiny_vit():
-    from l2p_fast.continual.backbones import Backbone
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8,
-                              depth=1, embed_dim=24, num_heads=2)
-    return Backbone("vision", "tiny-vit", model.eval())
 
 
 def image_tensor_file(path, nan_row=None, channels=3, size=16):
@@ -78,7 +65,7 @@ def test_nan_pixel_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny
 
 
 @pytest.mark.parametrize("clip_grad", [1.0, 0.0])
-def test_non_finite_gradient_with_a_finite_loss_stops_the_run(clip_grad, tiny_backbone, tmp_path):
+def test_non_finite_gradient_with_a_finite_loss_stops_the_run(clip_grad, tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name, clip_grad=clip_grad)
     trainer = Trainer(cfg, tmp_path, backbone=tiny_backbone)
     trainer._setup()
@@ -136,7 +123,7 @@ def edit_checkpoint(path, edit):
         (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)), "optimiser tensor 'exp_avg'"),
     ],
 )
-def test_edited_checkpoint_is_an_error(edit, match, tiny_backbone, tmp_path):
+def test_edited_checkpoint_is_an_error(edit, match, tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name, checkpoint_every=3)
     with pytest.raises(Stop):
         Trainer(cfg, tmp_path, backbone=tiny_backbone, step_hook=stop_after(6)).run()
@@ -145,7 +132,7 @@ def test_edited_checkpoint_is_an_error(edit, match, tiny_backbone, tmp_path):
         Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone).run()
 
 
-def test_flipped_bit_in_a_run_checkpoint_is_an_error(tiny_backbone, tmp_path):
+def test_flipped_bit_in_a_run_checkpoint_is_an_error(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     train(cfg, tmp_path, backbone=tiny_backbone)
     path = tmp_path / CHECKPOINT_NAME
@@ -158,7 +145,7 @@ def test_flipped_bit_in_a_run_checkpoint_is_an_error(tiny_backbone, tmp_path):
         Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone).run()
 
 
-def test_one_run_per_output_folder(tiny_backbone, tmp_path):
+def test_one_run_per_output_folder(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     with run_lock(tmp_path):
         with pytest.raises(OutputError, match=r"in use by another run \(pid \d+ on host .*, started 20"):
@@ -214,7 +201,7 @@ def test_concurrent_writers_use_their_own_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["shared.json"]
 
 
-def test_backend_unavailable_here_is_refused_before_loading(tiny_backbone, tmp_path):
+def test_backend_unavailable_here_is_refused_before_loading(tiny_backbone, tmp_path, tiny_config):
     from l2p_fast import dispatch
 
     missing = [b for b in ("cuda", "triton", "cpu") if dispatch.unavailable_reason(b, "cpu") is not None]
@@ -248,7 +235,7 @@ def fill_disk_at_checkpoint(monkeypatch):
     monkeypatch.setattr(checkpoint, "write_bytes_atomic", write)
 
 
-def test_full_disk_during_a_run_is_a_clear_error(tiny_backbone, tmp_path, monkeypatch):
+def test_full_disk_during_a_run_is_a_clear_error(tiny_backbone, tmp_path, monkeypatch, tiny_config):
     fill_disk_at_checkpoint(monkeypatch)
     with pytest.raises(CheckpointError, match="cannot be written \\(No space left on device\\)"):
         train(tiny_config("seq-frozen", tiny_backbone.name), tmp_path, backbone=tiny_backbone)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from l2p_fast.continual import metrics
 from l2p_fast.continual.checkpoint import CHECKPOINT_NAME, CheckpointError
@@ -28,7 +27,7 @@ def interrupt_after(n):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_runs(method, tiny_backbone, tmp_path):
+def test_every_method_runs(method, tiny_backbone, tmp_path, tiny_config):
     results = train(tiny_config(method, tiny_backbone.name), tmp_path, backbone=tiny_backbone)
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("method", "benchmark", "average_accuracy", "forgetting", "accuracy_matrix", "seconds", "config"):
@@ -56,7 +55,7 @@ def test_every_method_runs(method, tiny_backbone, tmp_path):
         assert results["buffer_size"] == 20 * 2
 
 
-def test_frozen_methods_keep_the_backbone(tiny_backbone, tmp_path):
+def test_frozen_methods_keep_the_backbone(tiny_backbone, tmp_path, tiny_config):
     before = tiny_backbone.fingerprint()
     trainer = Trainer(tiny_config("l2p", tiny_backbone.name), tmp_path, backbone=tiny_backbone)
     trainer.run()
@@ -68,7 +67,7 @@ def test_frozen_methods_keep_the_backbone(tiny_backbone, tmp_path):
     assert tiny_backbone.fingerprint() == before
 
 
-def test_same_seed_same_result_other_seed_differs(tiny_backbone, tmp_path):
+def test_same_seed_same_result_other_seed_differs(tiny_backbone, tmp_path, tiny_config):
     a = train(tiny_config("seq-frozen", tiny_backbone.name), tmp_path / "a", backbone=tiny_backbone)
     b = train(tiny_config("seq-frozen", tiny_backbone.name), tmp_path / "b", backbone=tiny_backbone)
     c = train(tiny_config("seq-frozen", tiny_backbone.name, seed=4, lr=0.05), tmp_path / "c", backbone=tiny_backbone)
@@ -77,7 +76,7 @@ def test_same_seed_same_result_other_seed_differs(tiny_backbone, tmp_path):
 
 
 @pytest.mark.parametrize("method,stop", [("l2p+er", 23), ("ewc", 26), ("seq-frozen", 8)])
-def test_resume_reproduces_uninterrupted_run(method, stop, tiny_backbone, tmp_path):
+def test_resume_reproduces_uninterrupted_run(method, stop, tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config(method, tiny_backbone.name, checkpoint_every=3)
     full = Trainer(cfg, tmp_path / "full", backbone=tiny_backbone)
     expected = full.run()
@@ -93,7 +92,7 @@ def test_resume_reproduces_uninterrupted_run(method, stop, tiny_backbone, tmp_pa
         assert torch.equal(p, q), name
 
 
-def test_existing_checkpoint_needs_resume(tiny_backbone, tmp_path):
+def test_existing_checkpoint_needs_resume(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     train(cfg, tmp_path, backbone=tiny_backbone)
     with pytest.raises(OutputError, match="already holds an earlier run .*checkpoint.pt.*--resume"):
@@ -103,7 +102,7 @@ def test_existing_checkpoint_needs_resume(tiny_backbone, tmp_path):
     assert again["accuracy_matrix"] == json.loads((tmp_path / "results.json").read_text())["accuracy_matrix"]
 
 
-def test_mismatched_or_corrupt_checkpoint_is_an_error(tiny_backbone, tmp_path):
+def test_mismatched_or_corrupt_checkpoint_is_an_error(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     train(cfg, tmp_path, backbone=tiny_backbone)
     with pytest.raises(CheckpointError, match="another configuration"):
@@ -126,7 +125,7 @@ def test_phases_and_class_masks(tiny_backbone):
     assert bool(class_mask("all", bench, (0,), device).all())
 
 
-def test_ewc_penalty_matches_formula_and_changes_training(tiny_backbone, tmp_path):
+def test_ewc_penalty_matches_formula_and_changes_training(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("ewc", tiny_backbone.name, lr=1e-3, ewc_lambda=5000.0)
     trainer = Trainer(cfg, tmp_path / "ewc", backbone=tiny_backbone)
     ewc = trainer.run()

@@ -7,7 +7,7 @@ import torch
 
 timm = pytest.importorskip("timm", reason="needs timm (the ViT backbone)")
 
-from l2p_fast.continual.backbones import Backbone, load_vision_backbone  # noqa: E402
+from l2p_fast.continual.backbones import load_vision_backbone  # noqa: E402
 from l2p_fast.continual.config import RunConfig  # noqa: E402
 from l2p_fast.continual.trainer import train  # noqa: E402
 
@@ -24,14 +24,6 @@ def image_file(tmp_path_factory):
 
     torch.save({"train": split(4), "test": split(2), "classes": ["a", "b", "c", "d"]}, path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8,
-                              depth=2, embed_dim=24, num_heads=2)
-    return Backbone("vision", "tiny-vit", model.eval())
 
 
 @pytest.mark.parametrize("method", ["l2p", "seq", "seq-frozen", "er"])
