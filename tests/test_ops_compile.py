@@ -128,3 +128,10 @@ def test_out_of_range_mask_under_compile_is_clamped_like_the_reference(backend: 
                                          [twin.prompt, twin.prompt_key])  # fmt: skip
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_explicit_unavailable_backend_under_compile_raises_the_same_error() -> None:
+    torch._dynamo.reset()
+    module = FusedPromptPool(**CONFIG, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is not available on 'cpu': backend 'cuda' runs on 'cuda'"):
+        torch.compile(module, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 8))
