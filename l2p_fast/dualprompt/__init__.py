@@ -9,7 +9,8 @@ prefix attention. See docs/design/dualprompt.md.
 """
 
 from . import reference
+from .attention import PrefixAttention, prefix_attention
 from .eprompt import FusedEPrompt
 from .select import select_prompts
 
-__all__ = ["FusedEPrompt", "reference", "select_prompts"]
+__all__ = ["FusedEPrompt", "PrefixAttention", "prefix_attention", "reference", "select_prompts"]
