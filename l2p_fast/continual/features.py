@@ -2,12 +2,15 @@
 
 With a frozen text backbone and no augmentation, the feature of an example never changes: it is
 the L2P query and the input of ``seq-frozen``'s head. The cache file is named after the backbone's
-and the pool's fingerprints, so a changed model or data set never reads a stale cache; an
-unreadable or mis-shaped cache file is recomputed (and the fact logged).
+and the pool's fingerprints, so a changed model or data set never reads a stale cache. The file
+holds the features and the SHA-256 of their bytes; an unreadable, mis-shaped, non-finite or
+changed (digest mismatch: ``torch.load`` does not check the archive's CRCs) cache file is
+recomputed, and the fact logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -43,11 +46,30 @@ def cached_features(backbone: Backbone, pool: Pool, cache_dir: str | Path, backb
     if path.exists():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(cached, Tensor) and tuple(cached.shape) == (len(pool), backbone.width):
-                return cached
-            log.warning("feature cache %s has the wrong shape; recomputing", path)
+            problem = _cache_problem(cached, (len(pool), backbone.width))
+            if problem is None:
+                return cached["features"]
+            log.warning("feature cache %s %s; recomputing", path, problem)
         except Exception as error:  # noqa: BLE001
             log.warning("feature cache %s is unreadable (%s); recomputing", path, error)
     features = compute_features(backbone, pool, batch_size, device, progress)
-    atomic_torch_save(features, path)
+    atomic_torch_save({"features": features, "sha256": _digest(features)}, path)
     return features
+
+
+def _digest(features: Tensor) -> str:
+    return hashlib.sha256(features.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _cache_problem(cached: object, shape: tuple[int, int]) -> str | None:
+    """Why a loaded cache file cannot be used (None when it can)."""
+    if not isinstance(cached, dict) or not isinstance(cached.get("features"), Tensor):
+        return "is not a features file of this version"
+    features = cached["features"]
+    if features.dtype != torch.float32 or tuple(features.shape) != shape:
+        return f"holds {features.dtype} {tuple(features.shape)}, expected float32 {shape}"
+    if cached.get("sha256") != _digest(features):
+        return "fails its SHA-256 digest (a changed file)"
+    if not bool(torch.isfinite(features).all()):
+        return "holds NaN or inf"
+    return None

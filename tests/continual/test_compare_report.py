@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -59,6 +60,17 @@ def test_feature_cache_is_reused_and_bad_files_recomputed(tiny_backbone, tmp_pat
     assert torch.allclose(cached_features(tiny_backbone, pool, tmp_path, "fp", batch_size=3), fresh, atol=1e-5)
     file.write_bytes(b"garbage")
     assert torch.allclose(cached_features(tiny_backbone, pool, tmp_path, "fp", batch_size=3), fresh, atol=1e-5)
+    # one flipped bit in the stored features: torch.load would return changed features; the digest catches it
+    stored = torch.load(file, weights_only=True)["features"]
+    data = bytearray(file.read_bytes())
+    data[bytes(data).index(stored[0, :2].numpy().tobytes()) + 3] ^= 0x20  # an exponent bit of features[0, 0]
+    file.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(file, weights_only=True)["features"], stored)
+    assert torch.equal(cached_features(tiny_backbone, pool, tmp_path, "fp", batch_size=3), stored)  # recomputed
+    nan = fresh.clone()
+    nan[1, 1] = float("nan")
+    torch.save({"features": nan, "sha256": hashlib.sha256(nan.view(torch.uint8).numpy().tobytes()).hexdigest()}, file)
+    assert torch.equal(cached_features(tiny_backbone, pool, tmp_path, "fp", batch_size=3), stored)
 
 
 def test_query_cache_equals_l2p_query(tiny_backbone):
