@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 # (flag, config field, argparse options); defaults are None so that unset flags keep the config's defaults
 OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
@@ -58,9 +58,17 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (its sub-commands' too) read ``l2p-fast: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"l2p-fast: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``l2p-fast``."""
-    parser = argparse.ArgumentParser(prog="l2p-fast", description="Learning to Prompt: continual-learning runs")
+    parser = Parser(prog="l2p-fast", description="Learning to Prompt: continual-learning runs")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one method; writes OUTPUT/results.json and plots")
     train.add_argument("--method", required=True, help="l2p, l2p+er, seq, seq-frozen, ewc, er or joint")

@@ -56,7 +56,9 @@ def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
 
 def test_argparse_rejects_non_numbers(tmp_path, capsys):
     code, err = run_cli(["train", "--method", "l2p", "--epochs", "two", "--output", str(tmp_path)], capsys)
-    assert code == 2 and "--epochs: invalid int value: 'two'" in err
+    assert code == 2 and "l2p-fast: error: argument --epochs: invalid int value: 'two'" in err
+    code, err = run_cli(["train", "--output", str(tmp_path)], capsys)
+    assert code == 2 and "l2p-fast: error: the following arguments are required: --method" in err
 
 
 def test_unwritable_output(tmp_path, capsys):
