@@ -29,7 +29,6 @@ from . import _native
 logger = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
-OPS: tuple[str, ...] = ("pool_forward", "prepend", "query_reduce", "assemble")
 
 # device type -> backends `auto` tries, best first (the reference runs everywhere)
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -53,6 +52,11 @@ def register(op: str, *backends: str) -> Callable[[Callable], Callable]:
         return fn
 
     return add
+
+
+def known_ops() -> tuple[str, ...]:
+    """The ops that have at least one implementation in the table."""
+    return tuple(sorted({op for op, _ in IMPLEMENTATIONS}))
 
 
 def triton_interpreting() -> bool:
@@ -95,7 +99,7 @@ def unavailable_reason(name: str, device_type: str, op: str | None = None) -> st
     else:
         reason = _native_reason(name, device_type)
     if reason is None and op is not None and (op, name) not in IMPLEMENTATIONS:
-        reason = f"op {op!r} has no {name!r} implementation; ops known: {OPS}"
+        reason = f"op {op!r} has no {name!r} implementation; ops known: {known_ops()}"
     return reason
 
 

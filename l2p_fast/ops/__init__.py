@@ -9,6 +9,9 @@
   ``l2p_fast::query_reduce``.
 - ``assemble.py``: ``assemble`` (the prompted models' sequence). reference ``reference.assemble``;
   native ``l2p_fast::assemble``; Triton ``l2p_fast::assemble_triton``, launchers in ``assemble_triton.py``.
+- ``prefix_gather.py``: ``prefix_gather`` (DualPrompt's per-layer prefixes, ``l2p_fast.dualprompt``).
+  reference ``reference_prefix_gather`` beside it; cpu/cuda ``l2p_fast::prefix_gather``; Triton
+  ``l2p_fast::prefix_gather_triton`` in ``prefix_gather_triton.py``.
 
 Each op file holds, for its op: the schema of its Python custom ops, the fakes (meta kernels) of
 its native ops, the autograd, and the per-backend implementations it registers in
@@ -19,7 +22,7 @@ the compute dtype in ``l2p_fast/modes.py``. Shapes: B batch, N tokens, D width, 
 Lp prompt length.
 """
 
-from . import assemble, pool, prepend, query_reduce
+from . import assemble, pool, prefix_gather, prepend, query_reduce
 from .pool import native_pool_forward, pool_outputs, triton_pool_forward
 from .prepend import triton_prepend
 from .query_reduce import query_reduce as native_query_reduce
@@ -30,6 +33,7 @@ __all__ = [
     "native_query_reduce",
     "pool",
     "pool_outputs",
+    "prefix_gather",
     "prepend",
     "query_reduce",
     "triton_pool_forward",
