@@ -55,8 +55,11 @@ def test_tokenize_pads_to_longest_and_truncates(backbone) -> None:
     assert (short["input_ids"][:, 0] == model.tokenizer.cls_token_id).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("head_type", ["prompt", "token", "token+prompt", "gap"])
+@pytest.mark.parametrize(
+    ("backend", "head_type"),
+    [(backend, head) for backend in ("reference", "auto") for head in ("prompt", "token", "token+prompt", "gap")]
+    + [pytest.param("triton", head, marks=pytest.mark.requires_backend("triton")) for head in ("prompt", "gap")],
+)
 def test_prompted_forward_equals_hand_built_bert(backbone, head_type: str, backend: str) -> None:
     model = make(backbone, head_type=head_type, backend=backend)
     batch = model.tokenize(TEXTS)
