@@ -68,8 +68,11 @@ def test_validation_runs_before_any_backend(monkeypatch) -> None:
         raise AssertionError("a backend was resolved before validation")
 
     monkeypatch.setattr(dispatch, "resolve", fail)
+    monkeypatch.setattr(dispatch, "implementation", fail)
     with pytest.raises(ValueError, match="x_embed"):
         _pool()(torch.randn(3, 8))
+    with pytest.raises(AssertionError, match="resolved before validation"):
+        _pool()(torch.randn(3, 5, 8))  # valid input: the backend is looked up (the patch is effective)
 
 
 def test_ids_are_checked_only_where_it_costs_no_sync(monkeypatch) -> None:
