@@ -1,0 +1,105 @@
+"""``DualPromptViT`` on a tiny timm ViT against the 8 golden DualPrompt-port cases, block by block, both
+E-prompt layouts (the port's checkpoint keys loaded by ``load_port_state_dict``); logits, E-prompt outputs,
+loss and the gradients of g_prompt / e_prompt.prompt / e_prompt.prompt_key within rtol 1e-10, atol 1e-12."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2p_fast.models.dualprompt_vit import DualPromptViT
+
+timm = pytest.importorskip("timm", reason="timm is not installed")
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "dualprompt_vit.pt"
+CASES = torch.load(VECTORS, weights_only=True)["cases"]
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+OPTIONS = (
+    "length", "pool_size", "top_k", "embedding_key", "batchwise_prompt", "prompt_init", "prompt_key_init", "head_type",
+    "use_prompt_mask", "g_prompt_length", "g_prompt_layer_idx", "use_prefix_tune_for_g_prompt", "e_prompt_layer_idx",
+    "use_prefix_tune_for_e_prompt",
+)  # fmt: skip
+
+
+def build(config: dict, layout: str, backend: str = "auto") -> DualPromptViT:
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+        num_classes=config["num_classes"], global_pool=config["global_pool"], embed_dim=config["embed_dim"],
+        depth=config["depth"], num_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"],
+        qkv_bias=config["qkv_bias"],
+    )  # fmt: skip
+    options = {key: config["prompt_length" if key == "length" else key] for key in OPTIONS}
+    return DualPromptViT(vit, **options, layout=layout, backend=backend).double()
+
+
+@pytest.mark.parametrize("layout", ["permute", "port"])
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_golden_vit(case: dict, layout: str) -> None:
+    check_case(case, layout, "auto")
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.requires_backend("triton"))]
+)
+@pytest.mark.parametrize("index", [0, 2, 5])
+def test_golden_vit_backends(index: int, backend: str) -> None:
+    check_case(CASES[index], "port", backend)
+
+
+def check_case(case: dict, layout: str, backend: str) -> None:
+    tag = "permute" if layout == "permute" else "upstream"
+    model = build(case["config"], layout, backend)
+    model.load_port_state_dict({"model": {f"module.{k}": v for k, v in case["state_dict"].items()}})
+    model.eval()
+    out = model(case["img"], task_id=case["task_id"], cls_features=case["cls_features"], train=case["train"],
+                block_outputs=True)  # fmt: skip
+    expected = case[f"out_{tag}"]
+    assert torch.equal(out["prompt_idx"], expected["prompt_idx"])
+    assert torch.equal(out["batched_prompt"], expected["batched_prompt"])
+    assert model.total_prompt_len == case["total_prompt_len"]
+    for i, (got, want) in enumerate(zip(out["block_outputs"], expected["block_outputs"], strict=True)):
+        torch.testing.assert_close(got, want, **TOL, msg=f"block {i}")
+    for key in ("x", "pre_logits", "logits", "similarity", "reduce_sim", "selected_key"):
+        torch.testing.assert_close(out[key], expected[key], **TOL, msg=key)
+    loss = (out["logits"] * case["loss_weight_logits"]).sum() + out["reduce_sim"]
+    torch.testing.assert_close(loss, case[f"loss_{tag}"], **TOL)
+    loss.backward()
+    params = dict(model.named_parameters())
+    for key, want in case[f"grad_{tag}"].items():
+        got = params[key].grad
+        if got is None:
+            assert not want.any(), f"grad {key}: None where the port's is non-zero"
+        else:
+            torch.testing.assert_close(got, want, **TOL, msg=f"grad {key}")
+
+
+def test_state_dict_keys_are_the_ports() -> None:
+    case = CASES[0]
+    model = build(case["config"], "permute")
+    assert set(model.state_dict()) == set(case["state_dict"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"g_prompt", "e_prompt.prompt", "e_prompt.prompt_key", "head.weight", "head.bias"}
+
+
+def test_query_is_the_prompt_free_cls() -> None:
+    model = build(CASES[0]["config"], "permute")
+    model.load_port_state_dict(CASES[0]["state_dict"])
+    img = CASES[0]["img"]
+    with torch.no_grad():
+        want = model.norm(model.blocks(model.embed(img)))[:, 0]
+    torch.testing.assert_close(model.query(img), want, rtol=0, atol=0)
+
+
+def test_bad_configurations_named() -> None:
+    config = CASES[0]["config"]
+    vit = build(config, "permute")
+    with pytest.raises(ValueError, match="e_prompt_layer_idx"):
+        build({**config, "e_prompt_layer_idx": [1, 2]}, "permute")
+    with pytest.raises(ValueError, match="g_prompt_layer_idx"):
+        build({**config, "g_prompt_layer_idx": [0, 9]}, "permute")
+    with pytest.raises(ValueError, match="head_type"):
+        build({**config, "head_type": "prompt"}, "permute")
+    with pytest.raises(ValueError, match="x"):
+        vit(torch.randn(2, 3, 8))
+    with pytest.raises(TypeError, match="checkpoint"):
+        vit.load_port_state_dict({"model": 3})
