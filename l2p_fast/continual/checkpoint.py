@@ -226,7 +226,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], p
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
     try:
         optimizer.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this run ({error})") from error
     loaded = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
     if loaded != fresh:

@@ -254,7 +254,11 @@ class Trainer:
                 elapsed = dict(state["elapsed"])
                 optimizer_state = state["optimizer"]
                 torch.set_rng_state(state["rng"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                buffer = self.method.buffer
+                if buffer is not None and len(buffer) and not 0 <= int(buffer.indices.min()) <= int(
+                        buffer.indices.max()) < len(self.train_pool):
+                    raise ValueError(f"replay buffer indices outside the training pool [0, {len(self.train_pool)})")
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as error:
                 raise CheckpointError(f"checkpoint {checkpoint_path}: does not fit this run ({error})") from error
             log.info("resuming %s at phase %d epoch %d step %d", cfg.method, position["phase"], position["epoch"],
                      position["step"])

@@ -132,6 +132,23 @@ def test_edited_checkpoint_is_an_error(edit, match, tiny_backbone, tmp_path, tin
         Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone).run()
 
 
+@pytest.mark.parametrize(
+    "method,edit,match",
+    [
+        ("ewc", lambda s: s["method"]["fisher"].update({"head.weight": torch.ones(1)}), "fisher of 'head.weight'"),
+        ("ewc", lambda s: s["method"]["anchor"].update({"head.bias": torch.ones(3, 2)}), "anchor of 'head.bias'"),
+        ("er", lambda s: s["method"]["buffer"].update(indices=torch.tensor([0, 10**6])), "replay buffer indices"),
+    ],
+)
+def test_edited_method_state_is_an_error(method, edit, match, tiny_backbone, tmp_path, tiny_config):
+    cfg = tiny_config(method, tiny_backbone.name, checkpoint_every=5)
+    with pytest.raises(Stop):  # after task 1 (8 steps): Fisher, anchor and buffer hold task 1
+        Trainer(cfg, tmp_path, backbone=tiny_backbone, step_hook=stop_after(10)).run()
+    edit_checkpoint(tmp_path / CHECKPOINT_NAME, edit)
+    with pytest.raises(CheckpointError, match=match):
+        Trainer(cfg, tmp_path, resume=True, backbone=tiny_backbone).run()
+
+
 def test_flipped_bit_in_a_run_checkpoint_is_an_error(tiny_backbone, tmp_path, tiny_config):
     cfg = tiny_config("seq-frozen", tiny_backbone.name)
     train(cfg, tmp_path, backbone=tiny_backbone)

@@ -77,8 +77,14 @@ class EWC(FineTune):
         fisher, anchor = state.get("fisher"), state.get("anchor")
         if not isinstance(fisher, dict) or not isinstance(anchor, dict) or set(fisher) != set(anchor):
             raise ValueError("checkpoint of method 'ewc' lacks consistent 'fisher' and 'anchor' tensors")
-        names = set(self._named())
-        if fisher and set(fisher) != names:
+        params = self._named()
+        if fisher and set(fisher) != set(params):
             raise ValueError("checkpoint of method 'ewc': its Fisher covers other parameters than the model's")
+        for name in fisher:
+            for kind, value in (("fisher", fisher[name]), ("anchor", anchor[name])):
+                if not isinstance(value, Tensor) or value.shape != params[name].shape:
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"checkpoint of method 'ewc': {kind} of {name!r} has shape {shape}, the parameter "
+                                     f"{tuple(params[name].shape)}")
         self.fisher = {k: v.clone() for k, v in fisher.items()}
         self.anchor = {k: v.clone() for k, v in anchor.items()}
