@@ -374,7 +374,8 @@ class Trainer:
         return NonFiniteLossError(
             f"training diverged: non-finite {what} in task {phase + 1} of {len(self.phases)}, epoch {epoch + 1} of "
             f"{self.config.epochs}, step {step + 1} of {steps}; batch items: {self.train_pool.describe(batch)}. "
-            f"The optimiser step was not taken and {kept}. Check these items for NaN/inf values, or lower --lr."
+            f"The optimiser step was not taken and {kept}. Check these items for NaN/inf values (then continue "
+            "with --resume), or lower --lr."
         )
 
     def _loss_on(self, phase: Phase, mask: Tensor) -> Callable[[Tensor], Tensor]:
