@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: install
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only
+
+# On a machine with an NVIDIA GPU: the whole test suite (CUDA and Triton on CUDA tensors included) and a short
+# benchmark, ~5 min; writes gpu-check/summary.md (or $OUT/summary.md). Without a GPU it stops at once.
+gpu-check:
+	@command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU || \
+		{ echo "gpu-check: no NVIDIA GPU found (nvidia-smi is missing or lists none); run it on a machine with a CUDA GPU" >&2; exit 2; }
+	$(MAKE) install
+	$(PY) scripts/gpu_check.py
 
 lint: install
 	$(VENV)/bin/ruff check .
