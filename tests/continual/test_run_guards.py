@@ -62,6 +62,14 @@ def test_nan_pixel_stops_before_the_step_and_keeps_the_last_good_checkpoint(tiny
                             trainer.backbone_fingerprint)  # finite, digest intact
     assert state["position"]["global_step"] == 1  # the step before the NaN batch
     assert not (tmp_path / "run" / "results.json").exists()
+    # fixed data + --resume gives exactly the run that never saw the NaN
+    image_tensor_file(tmp_path / "nan.pt")
+    resumed = Trainer(vision_config(data), tmp_path / "run", resume=True, backbone=tiny_vit)
+    clean = Trainer(vision_config(data), tmp_path / "clean", backbone=tiny_vit)
+    assert resumed.run()["accuracy_matrix"] == clean.run()["accuracy_matrix"]
+    for (name, value), other in zip(resumed.method.model_state().items(), clean.method.model_state().values(),
+                                    strict=True):
+        assert torch.equal(value, other), name
 
 
 @pytest.mark.parametrize("clip_grad", [1.0, 0.0])
