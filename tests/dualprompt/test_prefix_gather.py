@@ -35,17 +35,18 @@ def test_matches_reference(backend: str, shape: tuple, batch_first: bool, dtype:
     out = prefix_gather(prompt, idx, batch_first, backend=backend)
     want = prefix_gather(prompt, idx, batch_first, backend="reference")
     assert torch.equal(out, want) and out.dtype == dtype
-    grad = torch.randn(out.shape, dtype=dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
     (got,) = torch.autograd.grad(out, prompt, grad)
-    # fp32 accumulation of the duplicates (Triton, bf16) and the reference's own order agree to rounding
+    # against the exact per-id sum in fp64: the reference and cpu sum duplicates in the tensor's dtype (up to
+    # B·K = 12 terms here: a few bf16 ulps of |sum| ~ 4), Triton in fp32 (or fp64) before one rounding
     expected = torch.zeros(prompt.shape, dtype=torch.float64)
     layers, dual, pool, row = prompt.shape
     g64 = grad.double() if batch_first else grad.double().transpose(1, 2)
     for b in range(idx.shape[0]):
         for j in range(idx.shape[1]):
             expected[:, :, idx[b, j]] += g64[:, b, :, j]
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+    rtol, atol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 8e-2)}[dtype]
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
     assert got.dtype == dtype
 
 
