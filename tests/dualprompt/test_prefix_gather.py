@@ -110,3 +110,21 @@ def test_bad_inputs_named() -> None:
         prefix_gather(prompt, idx.int())
     with pytest.raises(ValueError, match="idx"):
         prefix_gather(prompt, idx[0])
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.requires_backend(b)) for b in ("cpu", "triton")])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_backward_sums_in_sample_order(backend: str, batch_first: bool) -> None:
+    """The fused backwards add the rows of each id in (b, j) order: bit-equal to that sequential fp32 sum."""
+    prompt, idx = _case((2, 2, 3, 50, 7, 2), seed=4)
+    idx[:, 0] = 1  # seven rows share id 1
+    prompt.requires_grad_(True)
+    out = prefix_gather(prompt, idx, batch_first, backend=backend)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    (got,) = torch.autograd.grad(out, prompt, grad)
+    g = grad if batch_first else grad.transpose(1, 2)  # (L, B, C, K, R)
+    expected = torch.zeros_like(prompt)
+    for b in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            expected[:, :, idx[b, j]] += g[:, b, :, j]
+    assert torch.equal(got, expected)
