@@ -103,3 +103,30 @@ def test_bad_configurations_named() -> None:
         vit(torch.randn(2, 3, 8))
     with pytest.raises(TypeError, match="checkpoint"):
         vit.load_port_state_dict({"model": 3})
+
+
+def test_from_timm_name_and_instance() -> None:
+    model = DualPromptViT.from_timm(
+        "vit_tiny_patch16_224", num_classes=7, timm_kwargs={"img_size": 32, "depth": 5}, length=2, pool_size=4,
+    )  # fmt: skip
+    assert model.head.out_features == 7 and model.e_prompt.prompt.shape == (3, 2, 4, 2, 3, 64)
+    assert model.g_prompt.shape == (2, 2, 5, 3, 64)
+    out = model(torch.rand(2, 3, 32, 32), cls_features=torch.randn(2, 192))
+    assert out["logits"].shape == (2, 7)
+    with pytest.raises(ValueError, match="pretrained"):
+        DualPromptViT.from_timm(model, pretrained=True)
+
+
+def test_without_g_prompt_and_attention_dropout() -> None:
+    config = {**CASES[0]["config"], "g_prompt_layer_idx": []}
+    model = build(config, "permute")
+    assert model.g_prompt is None
+    model.load_port_state_dict({k: v for k, v in CASES[0]["state_dict"].items() if k != "g_prompt"})
+    img, cls_features = CASES[0]["img"], CASES[0]["cls_features"]
+    model.eval()
+    want = model(img, cls_features=cls_features)["logits"]
+    for block in model.blocks:
+        block.attn.attn_drop.p = 0.5
+    torch.testing.assert_close(model(img, cls_features=cls_features)["logits"], want, rtol=0, atol=0)  # eval: no drop
+    model.train()
+    assert not torch.allclose(model(img, cls_features=cls_features)["logits"], want)  # the port's concat + dropout
