@@ -61,7 +61,11 @@ L2P_HD acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
   for (; d + kDotLanes <= n; d += kDotLanes) {
     for (int l = 0; l < kDotLanes; ++l) part[l] += a[d + l] * b[d + l];
   }
-  for (int l = 0; d < n; ++d, ++l) part[l] += a[d] * b[d];
+  // the tail: lane l takes element d + l. Constant lane indices (no running lane counter) keep part[] in
+  // registers on the GPU: with a dynamic index nvcc put the fp64 array on the stack (128 bytes of local memory).
+  for (int l = 0; l < kDotLanes; ++l) {
+    if (d + l < n) part[l] += a[d + l] * b[d + l];
+  }
   for (int width = kDotLanes / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) part[l] += part[l + width];
   }
