@@ -239,3 +239,29 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], p
                         f"checkpoint {path}: optimiser tensor {name!r} has shape {tuple(value.shape)}, its parameter "
                         f"{tuple(param.shape)}"
                     )
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: Any, path: Path, started: bool) -> None:
+    """Load a checkpoint's loss-scaler state (``{}`` when loss scaling is off) into ``scaler``.
+
+    An enabled scaler (fp16) of a run that has taken steps (``started``) needs a finite positive
+    ``scale`` and a non-negative integer growth tracker; a disabled one needs ``{}``.
+    """
+    if not scaler.is_enabled():
+        if state not in (None, {}):
+            raise CheckpointError(f"checkpoint {path}: holds a loss-scaler state, but this run does not scale the loss")
+        return
+    if not started and state in (None, {}):
+        return
+    scale = state.get("scale") if isinstance(state, dict) else None
+    tracker = state.get("_growth_tracker") if isinstance(state, dict) else None
+    if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+            and _int(tracker) and tracker >= 0):
+        raise CheckpointError(
+            f"checkpoint {path}: the fp16 loss-scaler state must hold a finite positive scale and a growth tracker, "
+            f"got {state!r}"[:300]
+        )
+    try:
+        scaler.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path}: its loss-scaler state does not fit this run ({error})") from error

@@ -20,6 +20,7 @@ TRAIN_MASKS = ("task", "seen", "all")
 HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # as l2p_fast.models.precision.PRECISIONS (kept import-free here)
 
 # learning rate and train-time logit mask of each method when the config leaves them unset
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -87,6 +88,10 @@ class RunConfig:
     # running
     checkpoint_every: int = 100
     device: str = "auto"
+    # fp32 | bf16 | fp16 autocast of the forward passes (parameters and optimiser state stay fp32); 'auto': bf16
+    # where the hardware runs it natively, else fp32 (the trainer replaces 'auto' by its choice)
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the model's forward
     num_threads: int | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +178,9 @@ def validate_config(config: RunConfig) -> None:
     _check_choice("head_type", config.head_type, HEAD_TYPES)
     _check_choice("device", config.device, DEVICES)
     _check_choice("backend", config.backend, BACKENDS)
+    _check_choice("precision", config.precision, PRECISIONS)
+    if not isinstance(config.compile, bool):
+        raise ValueError(f"compile: expected a bool, got {config.compile!r}")
     for name in ("batch_size", "eval_batch_size", "pool_size", "top_k", "prompt_length", "image_size", "max_length"):
         _check_int(name, getattr(config, name), 1)
     for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size"):

@@ -30,13 +30,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..models.precision import autocast, grad_scaler, resolve_precision
 from . import metrics
 from .backbones import Backbone, load_backbone
 from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
@@ -47,6 +48,7 @@ from .checkpoint import (
     check_run_state,
     load_checkpoint,
     restore_optimizer,
+    restore_scaler,
     save_checkpoint,
 )
 from .config import RunConfig, resolve
@@ -152,6 +154,9 @@ class Trainer:
         self.config = resolve(config)
         self.device = pick_device(self.config.device)
         check_backend(self.config, self.device)
+        self.requested_precision = self.config.precision
+        # 'auto' becomes this machine's choice before anything reads the config (fingerprint, results)
+        self.config = replace(self.config, precision=resolve_precision(self.config.precision, self.device))
         self.output = ensure_writable_dir(output, "output")
         self.resume = resume
         self.step_hook = step_hook
@@ -188,6 +193,10 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes)
         self.method.model.to(self.device)
+        if cfg.compile:  # the instance's forward, so state-dict keys and checkpoints are unchanged
+            self.method.model.forward = torch.compile(self.method.model.forward)
+        log.info("%s on %s: precision %s (requested %s), compile %s, backend %s", cfg.method, self.device,
+                 cfg.precision, self.requested_precision, "on" if cfg.compile else "off", cfg.backend)
         self.phases = phases_of(cfg.method, self.benchmark.num_tasks)
         self.train_cache = self.test_cache = None
         if self.method.uses_feature_cache:
@@ -207,7 +216,8 @@ class Trainer:
     def _forward(self, indices: Tensor, task_id: int, train: bool, pool: Pool, cache: Tensor | None) -> dict[str, Any]:
         inputs = pool.collate(indices, self.device) if self.method.needs_inputs else None
         cached = cache[indices.to(cache.device)] if cache is not None else None
-        return self.method.forward(inputs, cached, task_id, train)
+        with autocast(self.config.precision, self.device):
+            return self.method.forward(inputs, cached, task_id, train)
 
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -235,6 +245,7 @@ class Trainer:
         position = {"phase": 0, "epoch": 0, "step": 0, "global_step": 0}
         elapsed = {"train": 0.0, "eval": 0.0, "setup": 0.0, "examples": 0}
         optimizer_state = None
+        scaler = grad_scaler(cfg.precision, self.device)  # fp16: loss scaling; otherwise a no-op
         checkpoint_path = self.output / CHECKPOINT_NAME
         sizes = [len(self.train_pool.task_indices(list(p.train_tasks))) for p in self.phases]
         if self.resume and checkpoint_path.exists():
@@ -254,10 +265,13 @@ class Trainer:
                 elapsed = dict(state["elapsed"])
                 optimizer_state = state["optimizer"]
                 torch.set_rng_state(state["rng"])
+                restore_scaler(scaler, state.get("scaler"), checkpoint_path, position["global_step"] > 0)
                 buffer = self.method.buffer
                 if buffer is not None and len(buffer) and not 0 <= int(buffer.indices.min()) <= int(
                         buffer.indices.max()) < len(self.train_pool):
                     raise ValueError(f"replay buffer indices outside the training pool [0, {len(self.train_pool)})")
+            except CheckpointError:
+                raise
             except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as error:
                 raise CheckpointError(f"checkpoint {checkpoint_path}: does not fit this run ({error})") from error
             log.info("resuming %s at phase %d epoch %d step %d", cfg.method, position["phase"], position["epoch"],
@@ -289,6 +303,7 @@ class Trainer:
                     "counts_test": counts_test,
                     "elapsed": elapsed,
                     "rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(),
                 },
             )
 
@@ -323,15 +338,18 @@ class Trainer:
                     if not math.isfinite(loss_value):
                         raise self._non_finite(f"loss {loss_value}", *where)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # no-op unless fp16
                     params = self.method.trainable_parameters()
                     if cfg.clip_grad > 0:
                         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                     else:
                         norm = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
-                    if not bool(torch.isfinite(norm)):
+                    # fp16: an overflowed gradient is the scaler's business (it skips the step, lowers the scale)
+                    if not scaler.is_enabled() and not bool(torch.isfinite(norm)):
                         raise self._non_finite(f"gradient norm {float(norm)}", *where)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     if "prompt_idx" in out:
                         current = out["prompt_idx"][: len(batches[step])].flatten().cpu()
                         counts_train[max(phase.train_tasks)] += torch.bincount(current, minlength=cfg.pool_size)
@@ -455,6 +473,9 @@ class Trainer:
             "trainable_parameters": sum(p.numel() for p in self.method.trainable_parameters()),
             "backbone": self.backbone.name,
             "device": str(self.device),
+            "precision": cfg.precision,
+            "precision_requested": self.requested_precision,
+            "compile": cfg.compile,
             "config": cfg.to_dict(),
         }
         if self.method.uses_prompts:

@@ -61,8 +61,10 @@ class Method:
         raise NotImplementedError
 
     def loss(self, out: dict[str, Any], labels: Tensor, class_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy over the classes allowed by ``class_mask`` (C,) bool; returns (loss, logged parts)."""
-        logits = out["logits"].masked_fill(~class_mask, float("-inf"))
+        """Cross-entropy over the classes allowed by ``class_mask`` (C,) bool; returns (loss, logged parts).
+
+        Computed in fp32 whatever the forward's autocast dtype."""
+        logits = out["logits"].float().masked_fill(~class_mask, float("-inf"))
         ce = F.cross_entropy(logits, labels)
         return ce, {"ce": float(ce.detach())}
 
