@@ -21,14 +21,21 @@ from .pool_forward import prepend_kernel as _prepend_kernel
 
 AUTOTUNED = os.environ.get("TRITON_INTERPRET") != "1"
 
-# select / vote_gather (one program per batch row): BLOCK_M = 64 spilled ~700 B per thread in fp64 and
-# took 211 registers in fp32 at 4 warps; BLOCK_M <= 32 with 8 warps: 64 registers (fp32), 124-128 (fp64).
+# select / vote_gather (one program per batch row): BLOCK_M = 64 with BLOCK_D = 128 spilled ~700 B per
+# thread in fp64 and took 211 registers in fp32; at 8 warps ptxas caps registers at 128 and fp64 spilled;
+# BLOCK_M <= 32, BLOCK_D <= 64 at 4 warps: 56-142 registers. ptxas still keeps 8-24 bytes on the stack in
+# some flag/dtype combinations whatever the blocks (also before the NaN handling; tried the gather tile at
+# 1x1024, 2x512, 4x256): tests/gpu/test_triton_compile.py allows select_kernel at most 32 bytes.
 SELECT_MAX_BLOCK_M = 32
-SELECT_MAX_BLOCK_D = 128
-SELECT_WARPS = 8
-# grad_query / grad_keys: BLOCK_M = 32 spilled on sm_80 (fp32 with tl.dot: 255 registers + 32 B stack);
-# 16 keys per program: 108-146 registers, no spill, in fp32 and fp64.
+SELECT_MAX_BLOCK_D = 64
+SELECT_WARPS = 4
+# grad_query / grad_keys: BLOCK_M = 32 spilled on sm_80 (fp32 with tl.dot: 255 registers + 32 B stack) and
+# BLOCK_D = 64 spilled 16 B in grad_query on sm_90; 16 keys by 32 features: 72-80 registers, no spill.
 GRAD_BLOCK_M = 16
+GRAD_BLOCK_D_DOT = 32
+# grad_prompt_kernel: 16 rows × BLOCK_E; BLOCK_E = 512 took 176-184 registers in fp64 (8 resident warps),
+# 256: 106-116 (16 warps).
+GRAD_PROMPT_MAX_BLOCK_E = 256
 # Copy kernels: elements per program (4 warps). The assembly moved 8,192 (219 registers in fp32, 8 warps
 # resident per SM, fp64 spilling); 1,024 give 34-54 registers and 36-48 resident warps.
 ASSEMBLE_TILE = 1024

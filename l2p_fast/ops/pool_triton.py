@@ -130,7 +130,7 @@ def launch_grad_prompt(grad_out: Tensor, idx: Tensor, pool_size: int, length: in
         block_r = pow2(batch * k, high=max(16, (1 << 16) // block_e))
         block_p = pow2(pool_size, low=1, high=max(1, (1 << 20) // (block_r * block_e)))
     else:
-        block_p, block_r, block_e = 1, 16, pow2(lpd, high=512)
+        block_p, block_r, block_e = 1, 16, pow2(lpd, high=kernels()[2].GRAD_PROMPT_MAX_BLOCK_E)  # the GPU table
     with device_guard(grad_out):
         bwd.grad_prompt_kernel[(-(-pool_size // block_p), -(-lpd // block_e))](
             grad_out, idx.contiguous(), grad_prompt, pool_size, batch * k, k, total * width, lpd,
@@ -176,7 +176,8 @@ def launch_grad_similarity(
         bb, bm, br = pow2(batch, high=256), pow2(pool_size, high=256), pow2(batch * k, high=256)
         bd = pow2(width, high=1024 if use_dot else 32)
     else:
-        bb, bm, br, bd = 16, kernels()[2].GRAD_BLOCK_M, 16, 64 if use_dot else 16
+        tuned = kernels()[2]  # the GPU table
+        bb, bm, br, bd = 16, tuned.GRAD_BLOCK_M, 16, tuned.GRAD_BLOCK_D_DOT if use_dot else 16
     with device_guard(x_norm):
         bwd.pull_weight_kernel[(batch,)](
             g_sim if g_sim is not None else weight, g_rs if g_rs is not None else weight, idx, weight,
