@@ -1,7 +1,7 @@
 """Compile every Triton kernel of ``l2p_fast.kernels`` for real GPUs, on a machine without one.
 
 Each configuration comes from the launchers themselves: the script calls the real host launchers
-(``l2p_fast.ops.pool_triton``, ``l2p_fast.ops.assemble_triton``) on CPU tensors with every kernel
+(``LAUNCHERS``: the pool, the sequence assembly, DualPrompt's prefix gather) on CPU tensors with every kernel
 replaced by a recorder, so the block sizes, flags, dtypes, warps and Triton's own argument
 specialisation (alignment, ``== 1`` integers) are exactly what a GPU launch would compile; autotuned
 kernels expand to every config of their autotune list. Each distinct configuration is then compiled
@@ -225,21 +225,22 @@ def recording(sink: list, label: Callable[[], str], full_autotune: bool = True) 
             setattr(module, name, value)
 
 
-POOL_LAUNCHERS = "l2p_fast.ops.pool_triton"
-ASSEMBLY_LAUNCHERS = "l2p_fast.ops.assemble_triton"
+LAUNCHERS = {  # module: the launchers it must have
+    "l2p_fast.ops.pool_triton": ("launch_pool_forward", "launch_prepend", "launch_grad_prompt",
+                                 "launch_grad_similarity", "launch_grad_x"),
+    "l2p_fast.ops.assemble_triton": ("launch_assemble", "launch_prompt_grad"),
+    "l2p_fast.ops.prefix_gather_triton": ("launch_gather", "launch_gather_grad"),
+}
 
 
-def _launchers():
-    """The host launchers (looked up by name so a moved launcher fails here with a clear message)."""
-    pool = importlib.import_module(POOL_LAUNCHERS)
-    assembly = importlib.import_module(ASSEMBLY_LAUNCHERS)
-    names = ("launch_pool_forward", "launch_prepend", "launch_grad_prompt", "launch_grad_similarity", "launch_grad_x")
-    missing = [n for n in names if not hasattr(pool, n)] + [
-        n for n in ("launch_assemble", "launch_prompt_grad") if not hasattr(assembly, n)
-    ]
+def _launchers() -> list:
+    """The host launcher modules (looked up by name so a moved launcher fails here with a clear message)."""
+    modules = [importlib.import_module(name) for name in LAUNCHERS]
+    missing = [f"{m.__name__}.{n}" for m, names in zip(modules, LAUNCHERS.values(), strict=True) for n in names
+               if not hasattr(m, n)]
     if missing:
-        raise RuntimeError(f"triton_resources: launchers not found (moved?): {missing}; update _launchers()")
-    return pool, assembly
+        raise RuntimeError(f"triton_resources: launchers not found (moved?): {missing}; update LAUNCHERS")
+    return modules
 
 
 def _pool_scenarios(pool, shape: Shape, dtypes: tuple, full: bool) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -293,12 +294,26 @@ def _assembly_scenarios(assembly, shape: Shape, dtypes: tuple) -> Iterator[tuple
     yield "assembly prompt grad", lambda: assembly.launch_prompt_grad(grad, idx, M, LP)
 
 
+def _prefix_gather_scenarios(prefix, shape: Shape, dtypes: tuple) -> Iterator[tuple[str, Callable[[], None]]]:
+    """DualPrompt's prefix gather: prompt (L, C, M, R) with L = 2 layers, C = 2 (key/value), R = Lp·D."""
+    p_dtype = dtypes[1]
+    prompt = torch.empty((2, 2, shape.M, shape.LP * shape.D), dtype=p_dtype)
+    idx = torch.zeros((shape.B, shape.K), dtype=torch.int64)
+    for batch_first in (True, False):
+        out_shape = (2, shape.B, 2, shape.K, prompt.shape[-1]) if batch_first else (2, 2, shape.B, shape.K,
+                                                                                     prompt.shape[-1])
+        grad = torch.empty(out_shape, dtype=p_dtype)
+        yield f"prefix gather batch_first={batch_first}", lambda b=batch_first: prefix.launch_gather(prompt, idx, b)
+        yield f"prefix gather grad batch_first={batch_first}", lambda b=batch_first, g=grad: prefix.launch_gather_grad(
+            g, idx, shape.M, b)
+
+
 def record_launches(subset: str, targets: tuple[str, ...] = tuple(TARGETS)) -> list[tuple[Launch, str]]:
     """(configuration, target) pairs: every distinct configuration the launchers pick over the subset's shapes,
     dtypes and flags, with each target (of ``targets``) the subset compiles it for."""
     full = subset == "full"
     plan = (((SHAPES_FULL, DTYPES_FULL, tuple(TARGETS)),) if full else CI_PLAN)
-    pool, assembly = _launchers()
+    pool, assembly, prefix = _launchers()
     backend = make_backend(TARGETS["sm90"])  # specialisation does not depend on the arch
     unique: dict[tuple[str, str], tuple[Launch, str]] = {}
     for shapes, dtype_pairs, plan_targets in plan:
@@ -308,7 +323,8 @@ def record_launches(subset: str, targets: tuple[str, ...] = tuple(TARGETS)) -> l
             for shape, dtypes in itertools.product(shapes, dtype_pairs):
                 tag = f"{shape} x={dtypes[0]} params={dtypes[1]}".replace("torch.", "")
                 for label, run in itertools.chain(_pool_scenarios(pool, shape, dtypes, full),
-                                                  _assembly_scenarios(assembly, shape, dtypes)):
+                                                  _assembly_scenarios(assembly, shape, dtypes),
+                                                  _prefix_gather_scenarios(prefix, shape, dtypes)):
                     current[0] = f"{label} {tag}"
                     run()
         for fn, args, kwargs, label in sink:

@@ -81,9 +81,11 @@ def test_resources_are_recorded_per_configuration(sweep: dict) -> None:
 
 
 def test_copy_kernels_keep_many_warps_resident(sweep: dict) -> None:
-    """The copy kernels (assembly, prepend, token gradient, prompt gradients) must leave at least 16 warps per SM
+    """The copy kernels (assembly, prepend, token gradient, prompt gradients, DualPrompt's prefix gather) must leave
+    at least 16 warps per SM
     by their registers (the assembly moved 8,192 elements per program at 219 registers: 8 warps)."""
-    copy_kernels = ("assemble_kernel", "prompt_grad_kernel", "prepend_kernel", "grad_x_kernel", "grad_prompt_kernel")
+    copy_kernels = ("assemble_kernel", "prompt_grad_kernel", "prepend_kernel", "grad_x_kernel", "grad_prompt_kernel",
+                    "gather_kernel", "gather_grad_kernel")
     low = []
     for r in sweep["results"]:
         if r["error"] or r["kernel"].rsplit(".", 1)[1] not in copy_kernels:
