@@ -120,3 +120,30 @@ def test_compile_run_matches_eager(tiny_backbone, tmp_path, tiny_config):
     assert list(compiled.method.model_state()) == list(eager.method.model_state())
     for (name, p), q in zip(eager.method.model.named_parameters(), compiled.method.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_compiled_vit_step_matches_eager(backend, tiny_vit):
+    """One L2P step of a tiny ViT: torch.compile (inductor) of the forward gives eager's loss and gradients
+    within rtol 1e-4, atol 1e-5 (fp32; inductor may reorder sums)."""
+    from l2p_fast.models import L2PViT
+
+    torch.manual_seed(1)
+    model = L2PViT.from_timm(tiny_vit.copy(), num_classes=4, pool_size=6, top_k=2, length=2, backend=backend,
+                             final_tokens="head")
+    x = torch.randn(3, 3, 16, 16)
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        out = forward(x, train=True)
+        loss = torch.nn.functional.cross_entropy(out["logits"].float(), torch.tensor([0, 1, 3])) - 0.1 * out[
+            "reduce_sim"]
+        loss.backward()
+        return loss.detach(), out["prompt_idx"], [p.grad.clone() for p in model.trainable_parameters()]
+
+    loss, idx, grads = step(model.forward)
+    c_loss, c_idx, c_grads = step(torch.compile(model.forward))
+    assert torch.equal(idx, c_idx)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-5)
+    for got, want in zip(c_grads, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
