@@ -56,15 +56,20 @@ def run_tests(output: Path, timeout_s: int = TEST_TIMEOUT_S) -> tuple[int, str]:
     return run.returncode, lines[-1] if lines else "(no output)"
 
 
-def cuda_median_ms(step: Callable[[], object], rounds: int = ROUNDS, warmup: int = 3) -> float:
-    """Median over ``rounds`` of one call, timed with CUDA events."""
+def median_ms(step: Callable[[], object], dev, rounds: int = ROUNDS, warmup: int = 3) -> float:
+    """Median over ``rounds`` of one call: CUDA events on a GPU, the wall clock on the CPU (the script's own test)."""
     import torch
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
     times = []
     for _ in range(rounds):
+        if dev.type != "cuda":
+            start_s = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start_s) * 1e3)
+            continue
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
@@ -74,23 +79,21 @@ def cuda_median_ms(step: Callable[[], object], rounds: int = ROUNDS, warmup: int
     return statistics.median(times)
 
 
-def bench_pool() -> list[str]:
-    """Markdown rows: provider, mode, ms, speed-up over eager."""
-    import torch
-
+def bench_pool(dev, smoke: bool = False, rounds: int = ROUNDS) -> list[str]:
+    """Markdown rows: provider, mode, ms, speed-up over eager at the L2P shape (B=64; ``smoke``: the bench's tiny
+    smoke shape, for the script's own test on the CPU)."""
     sys.path.insert(0, str(REPO))
     from bench import common
 
-    dev = torch.device("cuda")
-    shape = common.Shape(64, 196, 768, 10, 5, 5)
+    shape = common.SMOKE_SHAPES[0] if smoke else common.Shape(64, 196, 768, 10, 5, 5)
     rows = ["| provider | mode | ms | × eager |", "| --- | --- | ---: | ---: |"]
     for mode in ("forward", "forward+backward"):
         eager = None
-        for provider in common.provider_names("cuda", with_compile=True):
+        for provider in common.provider_names(dev.type, with_compile=True):
             try:
                 pool, forward = common.make_pool(shape, provider, dev)
                 inputs = common.make_inputs(shape, dev, requires_grad=mode != "forward")
-                ms = cuda_median_ms(common.step_fn(pool, forward, inputs, mode))
+                ms = median_ms(common.step_fn(pool, forward, inputs, mode), dev, rounds)
             except Exception as error:  # noqa: BLE001 - a failing provider is reported, the others still run
                 rows.append(f"| {provider} | {mode} | error: {type(error).__name__}: {str(error)[:120]} | |")
                 continue
@@ -99,17 +102,15 @@ def bench_pool() -> list[str]:
     return rows
 
 
-def bench_vit_step() -> list[str]:
-    """Markdown rows: one L2P training step of ViT-B/16 (random weights), upstream-style vs ours."""
-    import torch
-
+def bench_vit_step(dev, config: str = VIT_B16, rounds: int = 10) -> list[str]:
+    """Markdown rows: one L2P training step of a prompted ViT (random weights; default ViT-B/16 at B=16),
+    upstream-style vs ours."""
     sys.path.insert(0, str(REPO))
     from bench import test_bench_models as models
 
     models.VIT_CONFIGS.setdefault(VIT_B16, ({"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
                                              "num_heads": 12}, 16))
-    up, ours, images, labels = models.vit_pair(VIT_B16, smoke=False)
-    dev = torch.device("cuda")
+    up, ours, images, labels = models.vit_pair(config, smoke=False)
     up, ours = up.to(dev), ours.to(dev)
     images, labels = images.to(dev), labels.to(dev)
     steps = {
@@ -120,7 +121,7 @@ def bench_vit_step() -> list[str]:
     rows = [f"| model step (B={images.shape[0]}) | ms | × upstream |", "| --- | ---: | ---: |"]
     base = None
     for name, step in steps.items():
-        ms = cuda_median_ms(step, rounds=10)
+        ms = median_ms(step, dev, rounds)
         base = ms if base is None else base
         rows.append(f"| {name} | {ms:.2f} | {base / ms:.2f} |")
     return rows
@@ -153,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         code, summary = run_tests(output)
         status = status or code
         lines += ["## Tests", "", f"`pytest tests` exit status {code}: {summary} (log: tests.log, tests.xml)", ""]
+    dev = torch.device("cuda")
     for title, bench in (("Pool (B=64, N=196, D=768, M=10, K=5, Lp=5)", bench_pool), ("ViT-B/16 step", bench_vit_step)):
         try:
-            rows = bench()
+            rows = bench(dev)
         except Exception as error:  # noqa: BLE001 - the summary says what failed
             rows, status = [f"error: {type(error).__name__}: {error}"], status or 1
         lines += [f"## {title}", "", *rows, ""]
