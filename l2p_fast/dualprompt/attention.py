@@ -62,13 +62,25 @@ def _sum_to(t: Tensor, batch: int) -> Tensor:
     return t.sum(0, keepdim=True) if batch == 1 and t.shape[0] != 1 else t
 
 
+def _prefix_scores(q: Tensor, prefix_k: Tensor, scale: float) -> Tensor:
+    """q (B, H, N, Dh) against the prefix keys (1 | B, H, P, Dh) → scaled scores (B, H, N, P)."""
+    return torch.matmul(q, prefix_k.transpose(-2, -1)).mul_(scale)
+
+
 class _PrefixAttention(torch.autograd.Function):
+    """Forward: the token output of the fused kernel is rescaled and the prefix part added in place, so the result
+    keeps the kernel's memory layout ((B, N, H, Dh) on the CPU: the caller's ``transpose(1, 2).reshape`` is then
+    free, as after SDPA). Backward: parts whose inputs need no gradient are skipped (the first prefix layer of a
+    frozen ViT needs only the prefix's)."""
+
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, scale):
-        out_t, lse_t = _token_forward(q, k, v, scale)
-        scores_p = (q @ prefix_k.transpose(-2, -1)) * scale  # (B, H, N, P)
+        out, lse_t = _token_forward(q, k, v, scale)
+        scores_p = _prefix_scores(q, prefix_k, scale)  # (B, H, N, P)
         lse = torch.logaddexp(lse_t, torch.logsumexp(scores_p, dim=-1))
-        out = torch.exp(lse_t - lse).unsqueeze(-1) * out_t + torch.exp(scores_p - lse.unsqueeze(-1)) @ prefix_v
+        probs_p = scores_p.sub_(lse.unsqueeze(-1)).exp_()
+        # out = exp(lse_t - lse)·out_t + probs_p @ prefix_v, written into the token output (ours, fresh)
+        torch.addcmul(torch.matmul(probs_p, prefix_v), out, (lse_t - lse).exp_().unsqueeze(-1), out=out)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
         ctx.scale = scale
         return out
@@ -78,14 +90,22 @@ class _PrefixAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
         scale = ctx.scale
-        grad = grad.contiguous()
-        grad_q, grad_k, grad_v = _token_backward(grad, q, k, v, out, lse, scale)
-        probs_p = torch.exp((q @ prefix_k.transpose(-2, -1)) * scale - lse.unsqueeze(-1))  # (B, H, N, P)
-        delta = (grad * out).sum(-1, keepdim=True)
-        grad_scores_p = probs_p * (grad @ prefix_v.transpose(-2, -1) - delta)
-        grad_q = grad_q + grad_scores_p @ prefix_k * scale
-        grad_pk = _sum_to(grad_scores_p.transpose(-2, -1) @ q * scale, prefix_k.shape[0])
-        grad_pv = _sum_to(probs_p.transpose(-2, -1) @ grad, prefix_v.shape[0])
+        need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
+        grad_q = grad_k = grad_v = grad_pk = grad_pv = None
+        if need_q or need_k or need_v:
+            grad_q, grad_k, grad_v = _token_backward(grad, q, k, v, out, lse, scale)
+        if not (need_q or need_pk or need_pv):
+            return grad_q, grad_k, grad_v, None, None, None
+        probs_p = _prefix_scores(q, prefix_k, scale).sub_(lse.unsqueeze(-1)).exp_()  # (B, H, N, P)
+        if need_q or need_pk:
+            delta = torch.linalg.vecdot(grad, out).unsqueeze(-1)  # (B, H, N, 1), no (B, H, N, Dh) temporary
+            grad_scores_p = (torch.matmul(grad, prefix_v.transpose(-2, -1)).sub_(delta)).mul_(probs_p).mul_(scale)
+            if need_q:
+                grad_q = grad_q.add_(torch.matmul(grad_scores_p, prefix_k))
+            if need_pk:
+                grad_pk = _sum_to(torch.matmul(grad_scores_p.transpose(-2, -1), q), prefix_k.shape[0])
+        if need_pv:
+            grad_pv = _sum_to(torch.matmul(probs_p.transpose(-2, -1), grad), prefix_v.shape[0])
         return grad_q, grad_k, grad_v, grad_pk, grad_pv, None
 
 

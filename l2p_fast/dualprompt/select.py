@@ -3,23 +3,22 @@
 The registered ``pool_forward`` implementation of the chosen backend (``l2p_fast.dispatch``) computes
 norms, similarity, top-K (tie rule, NaN rule), batch vote, task mask and pull term. DualPrompt has no
 use for its prepended sequence, so the op is handed a stand-in that makes that output tiny: the query
-goes in as ``cls_features`` (reduced from the tokens first by the ``query_reduce`` op when the mode
-needs the tokens), one detached token as ``x_embed`` and the detached keys as a one-row-per-prompt
-``prompt`` (M, 1, D). Gradients reach ``keys`` and the query (then ``cls_features`` or ``x_embed``)
-exactly as through the pool.
+goes in as ``cls_features`` (reduced from the tokens first when the mode needs them), one detached token
+as ``x_embed`` and the detached keys as a one-row-per-prompt ``prompt`` (M, 1, D). Gradients reach ``keys``
+and the query (then ``cls_features`` or ``x_embed``) exactly as through the pool.
+
+The token reduction is the L2P reference's (``l2p_fast.reference.query``: torch's mean / max over the tokens,
+in the compute dtype) on every backend, not the native ``query_reduce`` op: its CPU kernel walks each of the
+D columns down the N tokens (stride D), and took ~5.8 ms for a (16, 197, 768) fp32 mean where ``x.mean(1)``
+takes ~0.36 ms (one thread, this machine), which made the fused module's step slower than the reference's.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .. import dispatch
-
-
-def _query_backend(backend: str, device_type: str) -> str:
-    """The backend of the token reduction: the requested one where it has ``query_reduce``, else the reference."""
-    name = dispatch.resolve("pool_forward", backend, device_type)
-    return name if dispatch.unavailable_reason(name, device_type, "query_reduce") is None else "reference"
+from .. import dispatch, reference
+from ..modes import compute_dtype
 
 
 def select_prompts(
@@ -38,9 +37,8 @@ def select_prompts(
     device_type = x_embed.device.type
     if embedding_key == "cls" and cls_features is not None:
         query = cls_features
-    else:
-        reduce = dispatch.implementation("query_reduce", _query_backend(backend, device_type), device_type)
-        query = reduce(x_embed, "max" if embedding_key == "cls" else embedding_key)
+    else:  # the reference reduction (torch's mean / max) on every backend; see the module docstring
+        query = reference.query(x_embed, embedding_key, None, compute_dtype(x_embed.dtype, x_embed.dtype))
     pool = dispatch.implementation("pool_forward", backend, device_type)
     out = pool(
         x_embed[:, :1].detach(),  # the prepended sequence is not used: one token keeps it tiny

@@ -111,3 +111,35 @@ def test_bad_prefix_named() -> None:
         prefix_attention(q, q, q, torch.randn(2, 2, 1, 4), None)
     with pytest.raises(ValueError, match="num_heads"):
         PrefixAttention(10, num_heads=3)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa-lse", "math"])
+@pytest.mark.parametrize("needs", ["prefix", "prefix_v", "q", "kv"])
+def test_partial_gradients(fused: bool, needs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only some inputs need a gradient (the first prefix layer of a frozen ViT: only the prefix): those gradients
+    are the reference's, the others are not computed."""
+    monkeypatch.setattr(attention, "fused_lse", lambda device_type: fused)
+    torch.manual_seed(4)
+    args = [a.detach() for a in _inputs(2, 3, 6, 3, 4, 1)]
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    wanted = {"prefix": ("prefix_k", "prefix_v"), "prefix_v": ("prefix_v",), "q": ("q",), "kv": ("k", "v")}[needs]
+    for name, arg in zip(names, args, strict=True):
+        arg.requires_grad_(name in wanted)
+    out = prefix_attention(*args)
+    want = reference_attention(*args, 0.5)
+    torch.testing.assert_close(out, want, **TOL)
+    grad = torch.randn_like(out)
+    leaves = [a for a in args if a.requires_grad]
+    for got, expected in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, leaves, grad), strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_output_keeps_the_kernel_layout() -> None:
+    """On the CPU the merged output is written into the fused kernel's (B, N, H, Dh) buffer, so the caller's
+    ``transpose(1, 2).reshape(B, N, D)`` is a view, as after SDPA (no extra copy of the output)."""
+    q, k, v = torch.randn(2, 5, 3, 3, 4).permute(2, 0, 3, 1, 4).unbind(0)  # as PrefixAttention's qkv split
+    prefix = torch.randn(2, 2, 3, 2, 4)
+    out = prefix_attention(q, k, v, prefix[0], prefix[1])
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.stride() == sdpa.stride()
+    assert out.transpose(1, 2).reshape(2, 5, 12)._base is not None
