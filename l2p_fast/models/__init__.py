@@ -1,12 +1,14 @@
-"""Prompted models: ``L2PViT`` (timm VisionTransformer) and ``L2PTextEncoder`` (Hugging Face BERT-style).
+"""Prompted models: ``L2PViT`` (timm VisionTransformer), ``L2PTextEncoder`` (Hugging Face BERT-style) and
+``DualPromptViT`` (DualPrompt on a timm VisionTransformer).
 
-Both use the prompt pool only through ``FusedPromptPool(..., backend=backend)`` and build the
-prompted sequence with the one-pass ``assemble`` op (``l2p_fast.ops.assemble``).
+``L2PViT`` and ``L2PTextEncoder`` use the prompt pool only through ``FusedPromptPool(..., backend=backend)``
+and build the prompted sequence with the one-pass ``assemble`` op (``l2p_fast.ops.assemble``).
 """
 
 from ..ops.assemble import assemble
 from ..reference import assemble_reference
+from .dualprompt_vit import DualPromptViT
 from .text import L2PTextEncoder
 from .vit import L2PViT
 
-__all__ = ["L2PTextEncoder", "L2PViT", "assemble", "assemble_reference"]
+__all__ = ["DualPromptViT", "L2PTextEncoder", "L2PViT", "assemble", "assemble_reference"]
