@@ -58,6 +58,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                           "hardware runs it natively, else fp32"}),
     ("--compile", "compile", {"action": "store_true", "default": None, "help": "torch.compile the model's forward"}),
     ("--threads", "num_threads", {"type": int}),
+    ("--workers", "num_workers", {"type": int, "help": "images: worker processes loading and augmenting the next "
+                                                        "batches (default 0: in the main process)"}),
     ("--no-progress", "progress", {"action": "store_false", "default": None}),
 ]
 

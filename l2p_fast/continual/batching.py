@@ -56,8 +56,21 @@ class Pool:
         wanted = torch.tensor([task] if isinstance(task, int) else list(task), dtype=torch.long)
         return torch.nonzero(torch.isin(self.tasks, wanted)).flatten()
 
-    def collate(self, indices: Tensor, device: torch.device | str = "cpu") -> Any:
-        """Model inputs of the items ``indices``: ``{input_ids, attention_mask}`` (text) or a stacked tensor."""
+    def item(self, index: int, seed: int | None = None) -> Tensor:
+        """Item ``index`` of an image pool as a tensor; ``seed`` fixes its random augmentation (drawn under a
+        forked global RNG seeded with it, so the caller's RNG is untouched); None draws from the global RNG."""
+        task = int(self.tasks[index])
+        if seed is None:
+            x = self.sources[task][index - self.offsets[task]][0]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.sources[task][index - self.offsets[task]][0]
+        return x if isinstance(x, Tensor) else torch.as_tensor(x)
+
+    def collate(self, indices: Tensor, device: torch.device | str = "cpu", seeds: Tensor | None = None) -> Any:
+        """Model inputs of the items ``indices``: ``{input_ids, attention_mask}`` (text) or a stacked tensor;
+        ``seeds`` (len(indices),): per-item augmentation seeds of an image pool (see :meth:`item`)."""
         if self.tokens is not None:
             rows = [self.tokens[i] for i in indices.tolist()]
             width = max(len(r) for r in rows)
@@ -67,11 +80,8 @@ class Pool:
                 ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
                 mask[j, : len(row)] = 1
             return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        items = []
-        for i in indices.tolist():
-            task = int(self.tasks[i])
-            x = self.sources[task][i - self.offsets[task]][0]
-            items.append(x if isinstance(x, Tensor) else torch.as_tensor(x))
+        keys = seeds.tolist() if seeds is not None else [None] * len(indices)
+        items = [self.item(i, s) for i, s in zip(indices.tolist(), keys, strict=True)]
         return torch.stack(items).float().to(device)
 
     def describe(self, indices: Tensor, limit: int = 8) -> str:

@@ -40,7 +40,9 @@ BENCHMARK_BUDGETS: dict[str, dict[str, Any]] = {
 DEFAULT_EPOCHS = 5
 
 # fields that do not change the numbers of a run (left out of the resume fingerprint)
-NON_RESULT_FIELDS = ("device", "num_threads", "checkpoint_every", "progress", "eval_batch_size")
+NON_RESULT_FIELDS = ("device", "num_threads", "num_workers", "checkpoint_every", "progress", "eval_batch_size")
+# result fields added after runs were checkpointed: left out of the fingerprint at these values, so those resume
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False}
 PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwise_prompt", "use_prompt_mask",
                  "head_type", "backend")
 EWC_FIELDS = ("ewc_lambda", "fisher_samples")
@@ -93,6 +95,7 @@ class RunConfig:
     precision: str = "fp32"
     compile: bool = False  # torch.compile the model's forward
     num_threads: int | None = None
+    num_workers: int = 0  # image pools: worker processes that load, decode and augment the next batches
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +124,9 @@ class RunConfig:
             if self.method not in methods:
                 skip.update(group)
         values = {k: v for k, v in self.to_dict().items() if k not in skip}
+        for name, default in NEW_FIELD_DEFAULTS.items():  # at their defaults, the fingerprints of older runs
+            if values.get(name) == default:
+                values.pop(name)
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -186,6 +192,7 @@ def validate_config(config: RunConfig) -> None:
     for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size"):
         _check_int(name, getattr(config, name), 1, optional=True)
     _check_int("num_threads", config.num_threads, 1, optional=True)
+    _check_int("num_workers", config.num_workers, 0)
     _check_int("seed", config.seed, 0)
     _check_int("class_order_seed", config.class_order_seed, 0, optional=True)
     _check_int("checkpoint_every", config.checkpoint_every, 0)

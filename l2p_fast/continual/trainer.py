@@ -53,6 +53,7 @@ from .checkpoint import (
 )
 from .config import RunConfig, resolve
 from .features import cached_features
+from .loading import item_seeds, load_batches
 from .methods import Method, TaskEnd, make_method
 from .output import OutputError, ensure_writable_dir, refuse_earlier_run, run_lock, write_json
 from .preflight import check_backend, check_inputs, pick_device
@@ -213,11 +214,21 @@ class Trainer:
         return torch.optim.Adam(self.method.trainable_parameters(), lr=self.config.lr, betas=(0.9, 0.999))
 
     # -- one batch ----------------------------------------------------------------------------------------------
-    def _forward(self, indices: Tensor, task_id: int, train: bool, pool: Pool, cache: Tensor | None) -> dict[str, Any]:
-        inputs = pool.collate(indices, self.device) if self.method.needs_inputs else None
+    def _forward(self, indices: Tensor, task_id: int, train: bool, pool: Pool, cache: Tensor | None,
+                 inputs: Any = None) -> dict[str, Any]:
+        """The method's output on pool items ``indices``; ``inputs``: their collated inputs when already loaded."""
+        if inputs is None and self.method.needs_inputs:
+            inputs = pool.collate(indices, self.device)
         cached = cache[indices.to(cache.device)] if cache is not None else None
         with autocast(self.config.precision, self.device):
             return self.method.forward(inputs, cached, task_id, train)
+
+    def _inputs(self, pool: Pool, batches: list[Tensor], seeds: list[Tensor | None]) -> Iterator[Any]:
+        """The collated inputs of ``batches`` (loaded ahead by ``num_workers`` workers), or None each when the
+        method runs on cached features alone."""
+        if not self.method.needs_inputs:
+            return iter([None] * len(batches))
+        return load_batches(pool, batches, seeds, self.device, self.config.num_workers)
 
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -325,13 +336,13 @@ class Trainer:
                 bar.set_description(f"{cfg.method} task {p + 1}/{len(self.phases)} epoch {epoch + 1}/{cfg.epochs}")
                 tick = time.perf_counter()
                 self.method.model.train()
-                for step in range(first_step, len(batches)):
-                    batch = batches[step]
-                    if self.method.buffer is not None:
-                        draw = generator(cfg.seed, "replay", p, epoch, step)
-                        replay = self.method.buffer.sample(cfg.replay_batch_size, draw)
-                        batch = torch.cat([batch, replay])
-                    out = self._forward(batch, phase.task_id, True, self.train_pool, self.train_cache)
+                steps = range(first_step, len(batches))
+                step_batches = [self._with_replay(batches[step], p, epoch, step) for step in steps]
+                seeds = [item_seeds(cfg.seed, p, epoch, step, len(b)) if self.train_pool.sources is not None else None
+                         for step, b in zip(steps, step_batches, strict=True)]
+                loaded = self._inputs(self.train_pool, step_batches, seeds)
+                for step, batch, inputs in zip(steps, step_batches, loaded, strict=True):
+                    out = self._forward(batch, phase.task_id, True, self.train_pool, self.train_cache, inputs)
                     loss, parts = self.method.loss(out, labels[batch.to(self.device)], mask)
                     where = (p, epoch, step, len(batches), batch)
                     loss_value = float(loss.detach())
@@ -384,6 +395,14 @@ class Trainer:
         write_json(self.output / RESULTS_NAME, results)
         return results
 
+    def _with_replay(self, batch: Tensor, phase: int, epoch: int, step: int) -> Tensor:
+        """The step's batch plus its replayed items (drawn from a generator seeded by the step)."""
+        if self.method.buffer is None:
+            return batch
+        replay = self.method.buffer.sample(self.config.replay_batch_size,
+                                           generator(self.config.seed, "replay", phase, epoch, step))
+        return torch.cat([batch, replay])
+
     def _non_finite(self, what: str, phase: int, epoch: int, step: int, steps: int,
                     batch: Tensor) -> NonFiniteLossError:
         checkpoint = self.output / CHECKPOINT_NAME
@@ -418,8 +437,10 @@ class Trainer:
         totals = torch.zeros(self.benchmark.num_tasks, dtype=torch.long)
         counts = None
         batches = eval_batches(indices, cfg.eval_batch_size, pool.lengths)
-        for batch in tqdm(batches, desc=f"{cfg.method} eval", unit="batch", leave=False, disable=not cfg.progress):
-            out = self._forward(batch, -1, False, pool, self.test_cache)
+        loaded = self._inputs(pool, batches, [None] * len(batches))
+        for batch, inputs in zip(tqdm(batches, desc=f"{cfg.method} eval", unit="batch", leave=False,
+                                      disable=not cfg.progress), loaded, strict=True):
+            out = self._forward(batch, -1, False, pool, self.test_cache, inputs)
             logits = out["logits"][:, :seen]
             if not bool(torch.isfinite(logits).all()):
                 raise NonFiniteLossError(
