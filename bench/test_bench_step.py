@@ -236,3 +236,41 @@ def test_text_step(benchmark, request, minilm) -> None:
         ms = statistics.median(values) * 1e3
         ROWS.append({"model": f"step minilm T={batch['input_ids'].shape[1]}", "variant": key, "batch": size,
                      "ms": ms, "eps": size / ms * 1e3, "ratio": median_ratio(series["upstream"], values)})
+
+
+# ------------------------------------------------------------------------------------------------
+# the input pipeline with the model removed: decode + augment + collate of an image folder
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
+def test_input_pipeline(benchmark, request, tmp_path, workers: int) -> None:
+    """Examples per second of the trainer's image loading (``continual.loading``): JPEG decode, the L2P train
+    transform (RandomResizedCrop 224 + flip + ToTensor) with per-item seeds, stacking; no model."""
+    from PIL import Image
+
+    from l2p_fast.continual.batching import build_pool
+    from l2p_fast.continual.benchmarks.files import image_folder
+    from l2p_fast.continual.loading import item_seeds, load_batches
+
+    smoke = smoke_mode(request.config)
+    side, size, per_class, batch = (40, 16, 4, 4) if smoke else (320, 224, 32, 8)
+    gen = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(per_class):
+            pixels = (torch.rand(side, side, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / f"c{c}" / f"{i}.jpg", quality=90)
+    pool = build_pool(image_folder(tmp_path, classes_per_task=2, image_size=size, test_fraction=0.01), "train")
+    batches = list(torch.arange(len(pool)).split(batch))
+    seeds = [item_seeds(0, 0, 0, j, len(b)) for j, b in enumerate(batches)]
+
+    def epoch() -> int:
+        return sum(x.shape[0] for x in load_batches(pool, batches, seeds, torch.device("cpu"), workers))
+
+    benchmark.group = f"input pipeline {size}px JPEG, B{batch}"
+    count = benchmark.pedantic(epoch, rounds=1 if smoke else 3, warmup_rounds=0)
+    assert count == len(pool)
+    if benchmark.stats is not None:
+        ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info["examples_per_s"] = count / ms * 1e3
+        ROWS.append({"model": f"input pipeline {size}px jpeg (no model)", "variant": f"{workers} workers",
+                     "batch": batch, "ms": ms / len(batches), "eps": count / ms * 1e3})
