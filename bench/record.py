@@ -140,12 +140,13 @@ def model_table(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for model, variants in by_model.items():
         up = variants.get("upstream")
-        if up is None:
-            continue
         for variant, row in variants.items():
             if variant == "upstream":
                 continue
             label = model if variant == "ours" else f"{model} ({variant})"
+            if up is None:  # no port's-way row (e.g. the input pipeline): ours alone
+                lines.append(_row_line([label, str(row["batch"]), "", f"{row['ms']:.2f}", f"{row['eps']:.1f}", ""]))
+                continue
             speedup = row.get("ratio") or up["ms"] / row["ms"]
             lines.append(_row_line([label, str(row["batch"]), f"{up['ms']:.2f}", f"{row['ms']:.2f}",
                                     f"{row['eps']:.1f}", f"{speedup:.2f}"]))  # fmt: skip
