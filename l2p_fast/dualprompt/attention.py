@@ -70,8 +70,8 @@ def _prefix_scores(q: Tensor, prefix_k: Tensor, scale: float) -> Tensor:
 class _PrefixAttention(torch.autograd.Function):
     """Forward: the token output of the fused kernel is rescaled and the prefix part added in place, so the result
     keeps the kernel's memory layout ((B, N, H, Dh) on the CPU: the caller's ``transpose(1, 2).reshape`` is then
-    free, as after SDPA). Backward: parts whose inputs need no gradient are skipped (the first prefix layer of a
-    frozen ViT needs only the prefix's)."""
+    free, as after SDPA); the prefix probabilities (B, H, N, P) are saved, not recomputed from q. Backward: parts
+    whose inputs need no gradient are skipped (the first prefix layer of a frozen ViT needs only the prefix's)."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, scale):
@@ -81,14 +81,14 @@ class _PrefixAttention(torch.autograd.Function):
         probs_p = scores_p.sub_(lse.unsqueeze(-1)).exp_()
         # out = exp(lse_t - lse)·out_t + probs_p @ prefix_v, written into the token output (ours, fresh)
         torch.addcmul(torch.matmul(probs_p, prefix_v), out, (lse_t - lse).exp_().unsqueeze(-1), out=out)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, probs_p)  # probs_p: P ≪ Dh columns
         ctx.scale = scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, probs_p = ctx.saved_tensors
         scale = ctx.scale
         need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
         grad_q = grad_k = grad_v = grad_pk = grad_pv = None
@@ -96,9 +96,8 @@ class _PrefixAttention(torch.autograd.Function):
             grad_q, grad_k, grad_v = _token_backward(grad, q, k, v, out, lse, scale)
         if not (need_q or need_pk or need_pv):
             return grad_q, grad_k, grad_v, None, None, None
-        probs_p = _prefix_scores(q, prefix_k, scale).sub_(lse.unsqueeze(-1)).exp_()  # (B, H, N, P)
         if need_q or need_pk:
-            delta = torch.linalg.vecdot(grad, out).unsqueeze(-1)  # (B, H, N, 1), no (B, H, N, Dh) temporary
+            delta = torch.linalg.vecdot(grad, out).unsqueeze(-1)  # (B, H, N, 1)
             grad_scores_p = (torch.matmul(grad, prefix_v.transpose(-2, -1)).sub_(delta)).mul_(probs_p).mul_(scale)
             if need_q:
                 grad_q = grad_q.add_(torch.matmul(grad_scores_p, prefix_k))

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from ..dualprompt.attention import prefix_attention
 from ..dualprompt.eprompt import FusedEPrompt
 from ..pool import _init_parameter
-from .common import eval_mode, freeze_all_but, task_prompt_mask
+from .common import check_final_tokens, eval_mode, freeze_all_but, task_prompt_mask
 from .vit import _check_vit
+from .vit_rows import block_rows, is_rowwise_norm
 
 TRAINABLE = ("g_prompt", "e_prompt.", "head.")
 HEAD_TYPES = ("token", "gap")
@@ -67,7 +68,12 @@ def prefix_block(block: nn.Module, x: Tensor, prefix: Tensor) -> Tensor:
 
 
 class DualPromptViT(nn.Module):
-    """DualPrompt on a frozen timm ``VisionTransformer``: G-prompts in the first layers, an E-prompt pool after."""
+    """DualPrompt on a frozen timm ``VisionTransformer``: G-prompts in the first layers, an E-prompt pool after.
+
+    ``final_tokens``: 'all' (default, the port's ``x``) runs the last block on every token; 'head' only on the
+    rows the head reads (the CLS row for ``head_type='token'``; every row for 'gap'), where the last block is a
+    plain timm block (``l2p_fast.models.vit_rows.block_rows``; the same logits up to float rounding).
+    """
 
     def __init__(
         self,
@@ -89,9 +95,11 @@ class DualPromptViT(nn.Module):
         use_prefix_tune_for_e_prompt: bool = True,
         layout: str = "permute",
         backend: str = "auto",
+        final_tokens: str = "all",
     ) -> None:
         super().__init__()
         _check_vit(vit)
+        check_final_tokens(final_tokens)
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
         depth = len(vit.blocks)
@@ -139,6 +147,7 @@ class DualPromptViT(nn.Module):
         self.use_prefix_tune_for_e_prompt = use_prefix_tune_for_e_prompt
         self.use_prompt_mask = use_prompt_mask
         self.head_type = head_type
+        self.final_tokens = final_tokens
         self.total_prompt_len = 0 if use_prefix_tune_for_e_prompt else top_k * length * len(e_idx)
         self.num_classes = getattr(vit, "num_classes", None)
         freeze_all_but(self, TRAINABLE)
@@ -164,6 +173,12 @@ class DualPromptViT(nn.Module):
         else:
             raise TypeError(f"model_or_name: expected a timm model or a model name, got {type(model_or_name).__name__}")
         return cls(vit, **options)
+
+    def _head_rows(self, seq_len: int) -> tuple[int, int]:
+        """Rows ``start:stop`` of the final tokens (S = ``seq_len``) the head reads: CLS ('token') or all ('gap')."""
+        if self.head_type == "token":
+            return self.total_prompt_len, self.total_prompt_len + 1
+        return 0, seq_len
 
     def load_port_state_dict(self, checkpoint: Mapping[str, object], strict: bool = True):
         """Load a DualPrompt-port checkpoint: its state dict, or the ``{'model': state_dict}`` its engine saves;
@@ -198,8 +213,9 @@ class DualPromptViT(nn.Module):
         self, x: Tensor, task_id: int = -1, cls_features: Tensor | None = None, train: bool = False,
         *, block_outputs: bool = False,
     ) -> dict[str, object]:  # fmt: skip
-        """Images (B, C, H, W) → the port's dict: E-prompt outputs, ``x`` (final-normed tokens), ``pre_logits``
-        (B, D), ``logits``; with ``block_outputs`` also each block's output. With ``use_prompt_mask`` and
+        """Images (B, C, H, W) → the port's dict: E-prompt outputs, ``x`` (final-normed tokens; with
+        ``final_tokens='head'`` only the head's rows), ``pre_logits`` (B, D), ``logits``; with ``block_outputs``
+        also each block's output. With ``use_prompt_mask`` and
         ``train``, task t uses E-prompt ids t·K … t·K+K−1 (dropped when that range exceeds M, or t < 0)."""
         tokens = self.embed(x)
         e_prompt = self.e_prompt
@@ -210,6 +226,9 @@ class DualPromptViT(nn.Module):
         batched = res["batched_prompt"]
         outputs = []
         g_prompt = self.g_prompt
+        last = len(self.blocks) - 1
+        head_only = self.final_tokens == "head"
+        sliced = False  # whether tokens holds only the rows the head reads
         for i, block in enumerate(self.blocks):
             if i in self.g_prompt_layer_idx and self.use_prefix_tune_for_g_prompt:
                 tokens = prefix_block(block, tokens, g_prompt[self.g_prompt_layer_idx.index(i)].unsqueeze(0))
@@ -219,13 +238,18 @@ class DualPromptViT(nn.Module):
                     tokens = prefix_block(block, tokens, layer)
                 else:
                     tokens = block(torch.cat([layer, tokens], dim=1))
+            elif i == last and head_only and is_rowwise_norm(self.norm):  # the last block on the head's rows only
+                tokens, sliced = block_rows(block, tokens, *self._head_rows(tokens.shape[1])), True
             else:
                 tokens = block(tokens)
             if block_outputs:
                 outputs.append(tokens)
         tokens = self.norm(tokens)
+        if head_only and not sliced:
+            tokens = tokens[:, slice(*self._head_rows(tokens.shape[1]))]
         res["x"] = tokens
-        pre_logits = tokens[:, self.total_prompt_len] if self.head_type == "token" else tokens.mean(dim=1)
+        cls_row = 0 if head_only else self.total_prompt_len
+        pre_logits = tokens[:, cls_row] if self.head_type == "token" else tokens.mean(dim=1)
         res["pre_logits"] = pre_logits
         res["logits"] = self.head(self.head_drop(self.fc_norm(pre_logits)))
         if block_outputs:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from l2p_fast.models import dualprompt_vit
 from l2p_fast.models.dualprompt_vit import DualPromptViT
+from l2p_fast.models.vit_rows import block_rows
 
 timm = pytest.importorskip("timm", reason="timm is not installed")
 
@@ -21,7 +23,7 @@ OPTIONS = (
 )  # fmt: skip
 
 
-def build(config: dict, layout: str, backend: str = "auto") -> DualPromptViT:
+def build(config: dict, layout: str, backend: str = "auto", **extra: object) -> DualPromptViT:
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
         num_classes=config["num_classes"], global_pool=config["global_pool"], embed_dim=config["embed_dim"],
@@ -29,7 +31,7 @@ def build(config: dict, layout: str, backend: str = "auto") -> DualPromptViT:
         qkv_bias=config["qkv_bias"],
     )  # fmt: skip
     options = {key: config["prompt_length" if key == "length" else key] for key in OPTIONS}
-    return DualPromptViT(vit, **options, layout=layout, backend=backend).double()
+    return DualPromptViT(vit, **options, layout=layout, backend=backend, **extra).double()
 
 
 @pytest.mark.parametrize("layout", ["permute", "port"])
@@ -130,3 +132,38 @@ def test_without_g_prompt_and_attention_dropout() -> None:
     torch.testing.assert_close(model(img, cls_features=cls_features)["logits"], want, rtol=0, atol=0)  # eval: no drop
     model.train()
     assert not torch.allclose(model(img, cls_features=cls_features)["logits"], want)  # the port's concat + dropout
+
+
+@pytest.mark.parametrize("head_type", ["token", "gap"])
+@pytest.mark.parametrize("prefix", [True, False], ids=["e-prefix", "e-prompt-tuning"])
+def test_final_tokens_head_matches_all(head_type: str, prefix: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``final_tokens='head'`` (the last, plain block on the head's rows only) gives the same logits, pull term and
+    gradients as 'all', and ``x`` holds the head's rows of 'all''s ``x``."""
+    case = CASES[0]
+    config = {**case["config"], "g_prompt_layer_idx": [0], "e_prompt_layer_idx": [1, 2], "head_type": head_type,
+              "use_prefix_tune_for_e_prompt": prefix}  # fmt: skip
+    assert config["depth"] == 4  # block 3 is plain: the row path runs
+    calls = []
+    monkeypatch.setattr(dualprompt_vit, "block_rows", lambda *a: calls.append(a[2:]) or block_rows(*a))
+    models, outs, grads = {}, {}, {}
+    for final in ("all", "head"):
+        torch.manual_seed(0)
+        models[final] = model = build(config, "permute", final_tokens=final)
+        out = model(case["img"], cls_features=case["cls_features"])
+        (out["logits"].square().sum() - out["reduce_sim"]).backward()
+        outs[final] = out
+        grads[final] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    all_, head = outs["all"], outs["head"]
+    assert len(calls) == 1  # only the 'head' model's last block
+    torch.testing.assert_close(head["logits"], all_["logits"], **TOL)
+    torch.testing.assert_close(head["pre_logits"], all_["pre_logits"], **TOL)
+    rows = models["head"]._head_rows(all_["x"].shape[1])
+    assert head["x"].shape[1] == (1 if head_type == "token" else all_["x"].shape[1])
+    torch.testing.assert_close(head["x"], all_["x"][:, slice(*rows)], **TOL)
+    for name, grad in grads["all"].items():
+        torch.testing.assert_close(grads["head"][name], grad, **TOL, msg=name)
+
+
+def test_final_tokens_named() -> None:
+    with pytest.raises(ValueError, match="final_tokens"):
+        build(CASES[0]["config"], "permute", final_tokens="some")
