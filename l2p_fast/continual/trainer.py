@@ -20,6 +20,11 @@ on disk keep the last finite state; non-finite logits in an evaluation stop it t
 evaluation batch). That check reads the loss value the progress bar shows anyway
 (one host sync per step, which the methods' logged loss parts already cost) and the gradient norm
 that clipping computes (without clipping, one extra norm over the gradients).
+
+Speed options: ``precision`` (every forward under ``models.precision.autocast``; fp16 with a loss scaler
+whose state is checkpointed; 'auto' resolved here and recorded), ``compile`` (``torch.compile`` of the
+model's forward) and ``num_workers`` (image batches loaded ahead by worker processes, each item's
+augmentation seeded by its step, so the numbers do not depend on the workers; :mod:`.loading`).
 """
 
 from __future__ import annotations
