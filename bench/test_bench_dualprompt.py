@@ -237,7 +237,7 @@ def test_dualprompt_vit_step(benchmark, smoke: bool) -> None:
         "ours, final_tokens=all": train_step(full),
     }
     benchmark.group = "DualPrompt ViT step (concat + SDPA vs prefix_attention; interleaved)"
-    series, _ = run_interleaved(benchmark, steps, rounds=1 if smoke else 5, warmup=0 if smoke else 1)
+    series, _ = run_interleaved(benchmark, steps, rounds=1 if smoke else 4, warmup=0 if smoke else 1)
     peaks = peaks_of(steps, smoke)
     if peaks.get("ours") is not None and peaks.get("upstream") is not None:
         assert peaks["ours"] <= peaks["upstream"], peaks
