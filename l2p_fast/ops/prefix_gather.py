@@ -68,9 +68,11 @@ def reference_prefix_gather(prompt: Tensor, idx: Tensor, batch_first: bool) -> T
 def flat_rows(idx: Tensor, layers: int, dual: int, pool_size: int, batch_first: bool) -> Tensor:
     """Row ids into prompt viewed as (L·C·M, R), in the output's order: (L, B, C, K) or (L, C, B, K), flattened."""
     ids = idx.clamp(0, pool_size - 1)
-    base = torch.arange(layers * dual, device=idx.device).view(layers, dual, 1, 1) * pool_size
-    rows = base + ids.unsqueeze(0).unsqueeze(0)  # (L, C, B, K)
-    return (rows.transpose(1, 2) if batch_first else rows).reshape(-1)
+    batch, k = idx.shape
+    base = torch.arange(0, layers * dual * pool_size, pool_size, device=idx.device)  # (l·C + c)·M
+    if batch_first:
+        return (base.view(layers, 1, dual, 1) + ids.reshape(1, batch, 1, k)).reshape(-1)
+    return (base.view(layers, dual, 1, 1) + ids.reshape(1, 1, batch, k)).reshape(-1)
 
 
 @register("prefix_gather", "cpu")

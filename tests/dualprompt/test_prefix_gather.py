@@ -128,3 +128,18 @@ def test_backward_sums_in_sample_order(backend: str, batch_first: bool) -> None:
         for j in range(idx.shape[1]):
             expected[:, :, idx[b, j]] += g[:, b, :, j]
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_non_contiguous_ids(backend: str, batch_first: bool) -> None:
+    """idx as a transposed (non-contiguous) view: the same prompts and gradient as from its contiguous copy."""
+    prompt, idx = _case((2, 2, 5, 7, 4, 3), seed=5)
+    idx = idx.t().contiguous().t()  # (B, K) with column-major strides
+    assert not idx.is_contiguous()
+    prompt.requires_grad_(True)
+    out = prefix_gather(prompt, idx, batch_first, backend=backend)
+    want = prefix_gather(prompt, idx.contiguous(), batch_first, backend="reference")
+    assert torch.equal(out, want)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(torch.autograd.grad(out, prompt, grad)[0], torch.autograd.grad(want, prompt, grad)[0])
