@@ -1,4 +1,4 @@
-"""Triton backward kernels of the prompt pool (SPEC §4.6). Every sum runs in a fixed order (no atomics),
+"""Triton backward kernels of the prompt pool (docs/behaviour.md §4.6). Every sum runs in a fixed order (no atomics),
 so identical inputs give bit-identical gradients.
 
 - ``grad_prompt_kernel``: grad prompt (M, Lp, D) = Σ over every (row b, slot j) with idx[b, j] = m of

@@ -1,4 +1,4 @@
-"""Triton forward kernels of the prompt pool (SPEC §4): select, batch vote, gather + prepend.
+"""Triton forward kernels of the prompt pool (docs/behaviour.md §4): select, batch vote, gather + prepend.
 
 One program per batch row. ``select_kernel`` reads the row's tokens once — copying them into the
 token slice of the output while reducing them to the query — normalises the query and the keys,
@@ -20,7 +20,7 @@ SQUARED_NORM_EPS = tl.constexpr(1e-12)
 
 @triton.jit
 def inv_norm(sumsq):
-    """rsqrt(max(Σ v², 1e-12)): the clamp is on the squared norm (SPEC §4.2); a NaN sum stays NaN, as
+    """rsqrt(max(Σ v², 1e-12)): the clamp is on the squared norm (docs/behaviour.md §4.2); a NaN sum stays NaN, as
     torch.clamp_min does (tl.maximum alone would return the eps, on the GPU and in the interpreter)."""
     return 1.0 / tl.sqrt(tl.maximum(sumsq, SQUARED_NORM_EPS, propagate_nan=tl.PropagateNan.ALL))
 

@@ -1,4 +1,4 @@
-"""``FusedPromptPool``: drop-in for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch (SPEC §3–4, §6)."""
+"""``FusedPromptPool``: drop-in for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch (docs/behaviour.md §3–4, §6)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class FusedPromptPool(nn.Module):
 
     Same constructor, ``forward`` and output dict as the port's ``Prompt``; ``backend`` picks the
     implementation ('auto', 'reference', 'triton', 'cpu', 'cuda'; see ``l2p_fast.dispatch``).
-    Differences from the port (its bugs, SPEC §6): the default constructor works; non-pool mode owns
+    Differences from the port (its bugs, docs/behaviour.md §6): the default constructor works; non-pool mode owns
     one learnable (Lp, D) prompt; with ``prompt_key=False`` the keys are the mean of the current
     prompts, recomputed each call (differentiable), and ``prompt_key`` is a ``None`` parameter slot.
 
@@ -106,7 +106,7 @@ class FusedPromptPool(nn.Module):
     def forward(
         self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
     ) -> dict[str, Tensor | int]:
-        """x_embed (B, N, D) → dict of SPEC §4.5; ``prompted_embedding`` is (B, K·Lp + N, D)."""
+        """x_embed (B, N, D) → dict of docs/behaviour.md §4.5; ``prompted_embedding`` is (B, K·Lp + N, D)."""
         prompt = self.prompt  # each parameter read once: nn.Module.__getattr__ costs ~1 µs a lookup
         validate_forward(
             x_embed,

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references of every op: the ground truth (SPEC §3–4) every fused kernel is held to.
+"""Pure-PyTorch references of every op: the ground truth (docs/behaviour.md §3–4) every fused kernel is held to.
 
 The pool is written stage by stage, mirroring the fused ops: query → normalise + score → select
 (tie rule, batch vote) → gather + prepend → pull term; ``assemble`` is the prompted models'
@@ -20,7 +20,7 @@ SQUARED_NORM_EPS = 1e-12
 
 
 def query(x_embed: Tensor, embedding_key: str, cls_features: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Query of each sample (SPEC §4.1): x_embed (B, N, D) → (B, D) in ``dtype``.
+    """Query of each sample (docs/behaviour.md §4.1): x_embed (B, N, D) → (B, D) in ``dtype``.
 
     ``mean``: token mean; ``max``: token max; ``mean_max``: max + 2·mean; ``cls``: ``cls_features``
     (B, D) when given, else the token max.
@@ -70,7 +70,9 @@ def batch_vote(idx: Tensor, pool_size: int, top_k: int) -> Tensor:
 def select(
     similarity: Tensor, top_k: int, batchwise: bool, prompt_mask: Tensor | None
 ) -> Tensor:
-    """Prompt ids (B, K) per SPEC §4.3: the mask (clamped to [0, M − 1]) if given, else top-K (+ batch vote)."""
+    """Prompt ids (B, K) per docs/behaviour.md §4.3.
+
+    The mask (clamped to [0, M − 1]) if given, else top-K (+ batch vote)."""
     if prompt_mask is not None:
         return prompt_mask.to(torch.int64).clamp(0, similarity.shape[1] - 1)
     idx = top_k_ids(similarity, top_k)
@@ -110,7 +112,7 @@ def pool_forward(
     cls_features: Tensor | None = None,
     prompt_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The whole pool-mode forward (SPEC §4): every tensor output of §4.5.
+    """The whole pool-mode forward (docs/behaviour.md §4): every tensor output of §4.5.
 
     x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), cls_features (B, D) or None,
     prompt_mask (B, K') or None. Inputs are assumed validated (``l2p_fast.validation``).

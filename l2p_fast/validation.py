@@ -46,7 +46,7 @@ def validate_config(
     prompt_key_init: str,
     backend: str,
 ) -> None:
-    """Check the constructor arguments of ``FusedPromptPool`` (SPEC §3)."""
+    """Check the constructor arguments of ``FusedPromptPool`` (docs/behaviour.md §3)."""
     _check_positive_int("length", length)
     _check_positive_int("embed_dim", embed_dim)
     _check_choice("embedding_key", embedding_key, EMBEDDING_KEYS)
@@ -87,7 +87,7 @@ def validate_forward(
     prompt_pool: bool,
     device: torch.device,
 ) -> None:
-    """Check the forward inputs (SPEC §4) against the module's configuration.
+    """Check the forward inputs (docs/behaviour.md §4) against the module's configuration.
 
     x_embed (B, N, D) float; cls_features (B, D) float or None; prompt_mask (B, K') integer ids
     in [0, M) or None. All on ``device`` (the parameters' device).

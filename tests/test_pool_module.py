@@ -1,4 +1,4 @@
-"""FusedPromptPool as a module: outputs of SPEC §4.5, construction, parameters, state dicts."""
+"""FusedPromptPool as a module: outputs of docs/behaviour.md §4.5, construction, parameters, state dicts."""
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ def test_pool_outputs_keys_shapes_dtypes(backend_device: tuple[str, str], embedd
 
 
 def test_non_pool_mode_and_default_constructor() -> None:
-    pool = FusedPromptPool()  # the port crashes here (SPEC §6)
+    pool = FusedPromptPool()  # the port crashes here (docs/behaviour.md §6)
     assert pool.prompt.shape == (5, 768) and pool.prompt.requires_grad
     assert pool.prompt_key is None
     x = torch.randn(2, 4, 768)
@@ -118,4 +118,4 @@ def test_pool_outputs_names_each_tensor_in_the_module_order() -> None:
     tensors = [torch.full((1,), float(i)) for i in range(7)]
     named = pool_outputs(*tensors)
     assert list(named) == [key for key in EXPECTED_KEYS if key != "total_prompt_len"]
-    assert [int(t) for t in named.values()] == list(range(7))  # positional order = SPEC order
+    assert [int(t) for t in named.values()] == list(range(7))  # positional order = the order of docs/behaviour.md §4.5

@@ -1,4 +1,4 @@
-"""The reference prompt pool against small hand-computed cases (SPEC §4)."""
+"""The reference prompt pool against small hand-computed cases (docs/behaviour.md §4)."""
 
 import math
 

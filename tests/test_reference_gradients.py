@@ -8,7 +8,7 @@ from l2p_fast.testing import PoolCase, forward_and_grads, make_inputs, make_pool
 
 
 def _naive_pool(x_embed, cls_features, prompt, keys, case: PoolCase, prompt_mask):
-    """Loop-by-loop SPEC §4 with explicit square roots; shares no code with l2p_fast."""
+    """Loop-by-loop docs/behaviour.md §4 with explicit square roots; shares no code with l2p_fast."""
     batch = x_embed.shape[0]
     queries = []
     for b in range(batch):

@@ -1,4 +1,4 @@
-"""Metrics of a continual-learning run (SPEC §7).
+"""Metrics of a continual-learning run (docs/behaviour.md §7).
 
 ``acc[t][i]`` is the accuracy (%) on task ``i``'s test set after training on task ``t``. Only the
 lower triangle (``i <= t``) is meaningful; entries above the diagonal are ignored (and stored as

@@ -4,7 +4,7 @@ For each task: a fresh Adam (β = 0.9, 0.999; per-task reset), ``epochs`` passes
 training data in a seeded order, logits masked to the allowed classes for the loss (``train_mask``),
 the method's extra terms (pull constraint, EWC penalty), gradient clipping. Then the method's
 end-of-task hook (replay buffer, Fisher) and an evaluation on the test sets of every task seen so
-far, all seen classes competing (SPEC §5, §7). ``joint`` is one phase over all tasks' data.
+far, all seen classes competing (docs/behaviour.md §5, §7). ``joint`` is one phase over all tasks' data.
 
 A checkpoint is written every ``checkpoint_every`` steps and after every task; ``resume=True``
 continues from it and ends with exactly the numbers an uninterrupted run gives: batch orders and

@@ -1,4 +1,4 @@
-"""``L2PViT``: the prompted Vision Transformer of SPEC §5 on any timm ``VisionTransformer``.
+"""``L2PViT``: the prompted Vision Transformer of docs/behaviour.md §5 on any timm ``VisionTransformer``.
 
 Sequence ``[CLS, K·Lp prompt tokens, patches]`` plus one positional table of length 1 + K·Lp + N
 (the prompt slots start as copies of the CLS position), written in one pass by ``assemble``. The
@@ -64,7 +64,7 @@ def _check_vit(vit: nn.Module) -> None:
     }
     bad = [name for name, present in unsupported.items() if present]
     if bad:
-        raise ValueError(f"model: the L2P layout (SPEC §5) does not support {bad}")
+        raise ValueError(f"model: the L2P layout (docs/behaviour.md §5) does not support {bad}")
 
 
 class L2PViT(nn.Module):

@@ -1,4 +1,4 @@
-"""Continual-learning metrics (SPEC §7) on hand-made matrices with known answers."""
+"""Continual-learning metrics (docs/behaviour.md §7) on hand-made matrices with known answers."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""L2PViT on a small random-weight timm ViT: timm parity, SPEC §5 composition, gradients, checkpoints."""
+"""L2PViT on a small random-weight timm ViT: timm parity, docs/behaviour.md §5 composition, gradients, checkpoints."""
 
 import copy
 import re
@@ -28,7 +28,7 @@ def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 def plain_composition(vit: VisionTransformer, model: L2PViT, x: torch.Tensor, head_type: str):
-    """SPEC §5 written with plain PyTorch: a separate frozen copy for the query, concat, concat, add."""
+    """docs/behaviour.md §5 written with plain PyTorch: a separate frozen copy for the query, concat, concat, add."""
     query_vit = copy.deepcopy(vit)
     with torch.no_grad():
         cls_features = query_vit.forward_features(x)[:, 0]

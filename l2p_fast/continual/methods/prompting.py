@@ -1,6 +1,6 @@
 """``l2p`` and ``l2p+er``: the prompted models of ``l2p_fast.models`` on the frozen backbone.
 
-Loss = masked cross-entropy − λ · ``reduce_sim`` (the pull constraint, SPEC §1). Text queries come
+Loss = masked cross-entropy − λ · ``reduce_sim`` (the pull constraint, docs/behaviour.md §1). Text queries come
 from the trainer's feature cache (the frozen encoder's mean-pooled embedding, which is exactly
 ``L2PTextEncoder.query``); images compute theirs on the fly (augmentation changes every view).
 """
