@@ -80,17 +80,7 @@ def test_compile_as_the_first_call_of_a_fresh_process(backend: str) -> None:
     assert "compiled first: ok" in result.stdout
 
 
-DYNAMIC_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.FailOnRecompileLimitHit,
-    reason="csrc/cpu/pool_autograd.cpp stores prompted.sizes() in the C++ autograd node, which specialises "
-    "the batch size under fake tensors (kernel owner's file: use sym_sizes())",
-)
-
-
-@pytest.mark.parametrize(
-    "backend", ["reference", pytest.param("cpu", marks=DYNAMIC_XFAIL), "triton"]
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamic_shapes_compile_one_graph_for_every_batch_size(backend: str) -> None:
     require(backend)
     torch._dynamo.reset()

@@ -65,16 +65,16 @@ BackwardResult call_pool_backward(const variable_list& g, const variable_list& s
 // Zeros standing in for the gradient of an unused prompted_embedding: small CPU ones are views of one
 // zero buffer per dtype (pool_backward only reads them), so a backward allocates and clears nothing
 // for them. Only for plain eager tensors: under tracing (fake / functional tensors, Python modes) it
-// allocates.
-at::Tensor unused_grad(at::IntArrayRef sizes, const at::TensorOptions& options, const at::Tensor& like) {
+// allocates, with the symbolic sizes as they are (no batch size specialised under dynamic shapes).
+at::Tensor unused_grad(c10::SymIntArrayRef sym_sizes, const at::TensorOptions& options, const at::Tensor& like) {
   constexpr int64_t kMaxShared = int64_t{1} << 20;  // elements; larger ones are allocated as usual
-  const int64_t numel = c10::multiply_integers(sizes);
   const auto keys = like.key_set();
   const bool plain = like.device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
                      !keys.has(c10::DispatchKey::Functionalize) && !c10::impl::TorchDispatchModeTLS::any_modes_set();
-  if (!plain || options.device().type() != c10::DeviceType::CPU || numel > kMaxShared) {
-    return at::zeros(sizes, options);
-  }
+  if (!plain || options.device().type() != c10::DeviceType::CPU) return at::zeros_symint(sym_sizes, options);
+  const c10::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(sym_sizes);  // plain eager: concrete sizes
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel > kMaxShared) return at::zeros(sizes, options);
   static std::mutex mutex;
   static auto* buffers = new std::map<at::ScalarType, at::Tensor>();  // never destroyed (tensors may outlive it)
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
@@ -141,7 +141,7 @@ struct PoolForwardBackward final : public torch::autograd::Node {
     auto [grad_x, grad_cls, grad_prompt, grad_keys] =
         call_pool_backward(g, saved, mode, length, x_dtype, query_dtype, prompt_dtype, keys_dtype,
                            need_x && !x_as_view, need_cls, need_prompt, need_keys);
-    if (x_as_view) grad_x = g[0].slice(1, saved[4].size(1) * length).to(x_dtype);
+    if (x_as_view) grad_x = g[0].slice_symint(1, saved[4].sym_size(1) * length).to(x_dtype);
     const at::Tensor none;
     return once_differentiable(saved, grads,
                                {need_x ? grad_x : none, need_cls ? grad_cls : none, need_prompt ? grad_prompt : none,
@@ -150,7 +150,7 @@ struct PoolForwardBackward final : public torch::autograd::Node {
 
   SavedVariable x_norm, prompt_norm, q_sumsq, k_sumsq, idx, argmax;
   int64_t mode = 0, length = 0;
-  std::vector<int64_t> prompted_sizes;
+  std::vector<c10::SymInt> prompted_sizes;  // symbolic under dynamic-shape tracing
   at::ScalarType x_dtype{}, query_dtype{}, prompt_dtype{}, keys_dtype{}, prompted_dtype{};
   bool x_leaf = false;  // a leaf x_embed stores its grad: AccumulateGrad would clone a strided view
 };
@@ -181,7 +181,7 @@ ForwardResult pool_forward_autograd(const at::Tensor& x, const std::optional<at:
   node->argmax = SavedVariable(argmax, false);
   node->mode = mode;
   node->length = prompt.size(1);
-  node->prompted_sizes = prompted.sizes().vec();
+  node->prompted_sizes = prompted.sym_sizes().vec();
   node->x_dtype = x.scalar_type();
   node->query_dtype = mode == kModeCls ? cls_or_none.scalar_type() : x.scalar_type();
   node->prompt_dtype = prompt.scalar_type();
