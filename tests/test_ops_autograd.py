@@ -66,24 +66,34 @@ def _grads(module: FusedPromptPool, x: torch.Tensor, cls: torch.Tensor, used: tu
 
 
 USED = (("prompted_embedding",), ("reduce_sim",), ("similarity",))
+# outputs that reach the keys but not the query, or the query but not the keys
+ONE_SIDED = (("selected_key",), ("prompt_norm",), ("x_embed_norm",))
+TRITON_ONE_SIDED = pytest.mark.xfail(
+    strict=True,
+    reason="l2p_fast/ops/pool.py _triton_pool_forward_backward returns both the keys' and the query's gradient "
+    "(zeros) when any similarity output is used",
+)
+CASES = [pytest.param(backend, used, id=f"{backend}-{'+'.join(used)}") for backend in FUSED for used in USED] + [
+    pytest.param(
+        backend, used, id=f"{backend}-{'+'.join(used)}", marks=[TRITON_ONE_SIDED] if backend == "triton" else []
+    )
+    for backend in FUSED
+    for used in ONE_SIDED
+]
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("used", USED, ids="+".join)
-def test_gradients_of_unreached_inputs(backend: str, used: tuple[str, ...]) -> None:
-    """Reference and Triton: None for an input no used output depends on. Native: a zero tensor there
-    (one fused C++ node; documented), never a non-zero value."""
+@pytest.mark.parametrize(("backend", "used"), CASES)
+@pytest.mark.parametrize("embedding_key", ["cls", "mean"])
+def test_gradients_of_unreached_inputs(backend: str, used: tuple[str, ...], embedding_key: str) -> None:
+    """Every backend: None for an input no used output depends on, the reference's gradient elsewhere."""
     require(backend)
-    module, twin = pools(backend, seed=3, embedding_key="cls")
+    module, twin = pools(backend, seed=3, embedding_key=embedding_key)
     x, cls = torch.randn(4, 3, 8), torch.randn(4, 8)
     got, expected = _grads(module, x, cls, used), _grads(twin, x, cls, used)
     assert any(g is None for g in expected.values())  # the case reaches only part of the inputs
     for name, want in expected.items():
         if want is None:
-            if backend == "cpu":
-                assert got[name] is None or torch.count_nonzero(got[name]) == 0, name
-            else:
-                assert got[name] is None, name
+            assert got[name] is None, name
         else:
             torch.testing.assert_close(got[name], want, msg=name)
 

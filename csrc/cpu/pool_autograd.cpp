@@ -128,12 +128,23 @@ struct PoolForwardBackward final : public torch::autograd::Node {
     const variable_list saved = {x_norm.unpack(self), prompt_norm.unpack(self), q_sumsq.unpack(), k_sumsq.unpack(),
                                  idx.unpack(), argmax.unpack()};
     const auto acc = saved[0].options();
+    // An input that no used output reaches gets no gradient (undefined: None), as in the reference: prompt
+    // only through prompted; keys through prompt_norm, similarity, selected_key and reduce_sim; the query
+    // through x_norm, similarity and reduce_sim; x_embed through prompted and, unless cls_features is the
+    // query, through the query.
+    const auto reached = [&grads](std::initializer_list<int> outputs) {
+      return std::any_of(outputs.begin(), outputs.end(), [&grads](int i) { return grads[i].defined(); });
+    };
+    const bool reached_query = reached({1, 3, 5});
+    const bool need_x = task_should_compute_output(0) && (grads[0].defined() || (mode != kModeCls && reached_query));
+    const bool need_cls = task_should_compute_output(1) && reached_query;
+    const bool need_prompt = task_should_compute_output(2) && grads[0].defined();
+    const bool need_keys = task_should_compute_output(3) && reached({2, 3, 4, 5});
+    if (!need_x && !need_cls && !need_prompt && !need_keys) return variable_list(4);
     // grads of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); zeros where unused
     variable_list g = grads;
     if (!g[0].defined()) g[0] = unused_grad(prompted_sizes, acc.dtype(prompted_dtype), saved[0]);
     if (!g[5].defined()) g[5] = at::zeros({}, acc);  // g[1..4] stay undefined: zero, skipped by the op
-    const bool need_x = task_should_compute_output(0), need_cls = task_should_compute_output(1);
-    const bool need_prompt = task_should_compute_output(2), need_keys = task_should_compute_output(3);
     // with cls_features as the query, grad x_embed is the token slice of grad prompted: a view (no copy),
     // except for a leaf x_embed, whose grad the op writes contiguous (into a reused block, with streaming
     // stores when large)

@@ -18,11 +18,11 @@ Autograd, where the backends differ (and why it is harmless):
   only their own outputs (norms, ids, argmax, squared norms), never an input, so such an edit cannot
   change their gradients: they return the gradient of the forward that ran, and do not raise. An
   in-place edit of a saved *output* (``x_embed_norm``, ``prompt_norm``) raises on every backend.
-- Gradients of inputs that no used output depends on are ``None`` on the reference and Triton. The
-  native backward is one fused C++ node that hands back zero tensors for them instead (e.g. the keys'
-  gradient when only ``prompted_embedding`` enters the loss); the values agree (zero), only an
-  optimiser that treats ``None`` and zero differently (weight decay on a parameter without a gradient)
-  can tell them apart.
+- Gradients of inputs that no used output depends on are ``None`` on the reference and the native
+  backend. Triton gives ``None`` too, except that when a loss uses only similarity outputs that reach
+  one side (``selected_key`` / ``prompt_norm``: the keys only; ``x_embed_norm``: the query only) it
+  returns a zero tensor for the other side; only an optimiser that treats ``None`` and zero differently
+  (weight decay on a parameter without a gradient) can tell them apart.
 - Forward-mode AD: reference only; the native and Triton backends raise a clear error naming
   ``backend='reference'``. Double backward: reference only (the fused backwards are differentiable once).
 """
