@@ -76,3 +76,26 @@ def test_compile_fullgraph_parity(device: str) -> None:
     x = torch.randn(3, 5, 8, device=device)
     compiled = torch.compile(lambda t: query(t, "mean_max") * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x), query(x, "mean_max") * 2)
+
+
+@pytest.mark.requires_backend("cpu", "cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_sums_tokens_in_order_and_the_first_nan_wins(dtype: torch.dtype) -> None:
+    """CPU kernel, per column: Σ over the tokens in order (bitwise), the max and argmax as torch.max (the
+    first NaN wins, else the first maximum); D = 37 leaves a tail after any vector width."""
+    x = torch.randn(3, 11, 37).to(dtype)
+    x[0, 4, 3] = x[0, 7, 3] = float("nan")
+    x[1, :, 5] = 1.0  # a tie over every token: argmax 0
+    x[2, 2, 36] = float("inf")
+    acc = torch.promote_types(dtype, torch.float32)
+    total = torch.zeros(3, 37, dtype=acc)
+    for n in range(x.shape[1]):
+        total += x[:, n].to(acc)
+    mean = total / x.shape[1]
+    top, where = x.to(acc).max(dim=1)
+    for mode, expected in ((0, mean), (1, top), (2, top + 2 * mean)):
+        q, argmax = torch.ops.l2p_fast.query_reduce(x, mode)
+        assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8)), mode  # bitwise, NaN included
+        if mode:
+            assert torch.equal(argmax, where), mode
+    assert torch.ops.l2p_fast.query_reduce(x, 1)[1][0, 3] == 4
