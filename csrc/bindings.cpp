@@ -12,7 +12,7 @@ TORCH_LIBRARY(l2p_fast, m) {
   // argmax (B, D) int64: the token index each max came from; empty for mode 0).
   // mode: 0 mean, 1 max, 2 max + 2 * mean.
   m.def("query_reduce(Tensor x, int mode) -> (Tensor, Tensor)");
-  // Fused prompt pool (SPEC §4), kernels in csrc/cpu/pool.cpp and csrc/cuda/pool.cu.
+  // Fused prompt pool (docs/behaviour.md §4), kernels in csrc/cpu/pool.cpp and csrc/cuda/pool.cu.
   // mode: 0 mean, 1 max, 2 max + 2 * mean, 3 cls_features. Returns (prompted (B, K*Lp+N, D),
   // x_embed_norm, prompt_norm, similarity, idx (B, K) int64, selected_key, reduce_sim, and for the
   // backward: argmax (B, D) int32 or (0,), q_sumsq (B,), k_sumsq (M,)).

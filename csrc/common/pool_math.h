@@ -14,7 +14,7 @@
 
 namespace l2p_fast::math {
 
-// l2n(v) = v * rsqrt(max(|v|^2, eps)): the clamp is on the squared norm (SPEC §4.2).
+// l2n(v) = v * rsqrt(max(|v|^2, eps)): the clamp is on the squared norm (docs/behaviour.md §4.2).
 constexpr double kSquaredNormEps = 1e-12;
 // Partial sums of row_dot: a fixed number of lanes combined in a fixed order, so the result does
 // not depend on the thread count or the device, and the CPU loop vectorises.
@@ -72,7 +72,7 @@ L2P_HD acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
   return part[0];
 }
 
-// Strict total order of "ranks before" for a descending sort with the tie rule of SPEC §4.3:
+// Strict total order of "ranks before" for a descending sort with the tie rule of docs/behaviour.md §4.3:
 // larger value first, equal values -> lower id first; NaN counts as the largest value (as in
 // torch.sort(descending=True)).
 template <typename T>
@@ -118,7 +118,7 @@ L2P_HD acc_t l2n_grad(acc_t g, acc_t y, acc_t dot, acc_t sumsq) {
   return l2n_grad_row(g, y, dot, inverse_norm(sumsq), is_clamped(sumsq));
 }
 
-// Query of one feature from its running token statistics (SPEC §4.1).
+// Query of one feature from its running token statistics (docs/behaviour.md §4.1).
 // mode 0: mean, 1: max, 2: max + 2 * mean.
 template <typename acc_t>
 L2P_HD acc_t finish_query(int64_t mode, acc_t sum, acc_t best, int64_t tokens) {

@@ -1,4 +1,4 @@
-// CPU fused prompt pool (SPEC §4). Forward with a token query (mean / max / mean_max): the token slice
+// CPU fused prompt pool (docs/behaviour.md §4). Forward with a token query (mean / max / mean_max): the token slice
 // of each output row is copied once while the query is reduced in the same pass; then normalise +
 // score + top-K (tie rule) + batch vote + pull term; then the selected prompts fill the head of each
 // row. With cls_features as the query, selection comes first and each row is written front to back in

@@ -1,4 +1,4 @@
-// CPU query reduction (SPEC §4.1): mean / max / max + 2*mean over the N tokens of each row.
+// CPU query reduction (docs/behaviour.md §4.1): mean / max / max + 2*mean over the N tokens of each row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-// CUDA fused prompt pool (SPEC §4): the same ops as csrc/cpu/pool.cpp for CUDA tensors, on the
+// CUDA fused prompt pool (docs/behaviour.md §4): the same ops as csrc/cpu/pool.cpp for CUDA tensors, on the
 // current stream under a device guard. Per-row arithmetic (dot products with fixed lanes, inverse
 // norms, the tie rule, the l2n gradient, the query) comes from common/pool_math.h, shared with the
 // CPU kernels; every reduction runs in a fixed order, so results are deterministic (no atomics).

@@ -1,4 +1,4 @@
-// CUDA query reduction (SPEC §4.1): one thread per (row, feature), tokens walked in order so the
+// CUDA query reduction (docs/behaviour.md §4.1): one thread per (row, feature), tokens walked in order so the
 // first maximum wins and NaN propagates, as on the CPU (math::replaces_max).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
