@@ -22,6 +22,7 @@ import torch
 
 import l2p_fast
 from l2p_fast import FusedPromptPool, available_backends
+from l2p_fast.testing import peak_memory_bytes  # noqa: F401  (the suites call common.peak_memory_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,26 +279,6 @@ def forward_bytes(shape: Shape, fused: bool, itemsize: int = 4) -> int:
         return (x + head + out) * itemsize
     query_reads = 0 if shape.embedding_key == "cls" else x
     return (query_reads + head + 2 * head + x + out) * itemsize
-
-
-def peak_memory_bytes(step: Callable[[], object]) -> int | None:
-    """Peak bytes allocated above the starting level during one call of ``step`` (torch profiler)."""
-    import json
-    import tempfile
-
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as handle:
-            events = json.load(handle)["traceEvents"]
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
-    if not memory:
-        return None
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(m["Total Allocated"] for m in memory) - start
 
 
 def run_interleaved(benchmark, steps: dict[str, Callable[[], object]], rounds: int,

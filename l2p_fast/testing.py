@@ -13,8 +13,11 @@ copies and are compared bit-exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
+import tempfile
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -286,3 +289,21 @@ def tiny_bert(seed: int = 0, **overrides: object) -> nn.Module:
         "intermediate_size": 40, "max_position_embeddings": 40, "type_vocab_size": 2, "hidden_act": "gelu",
     }  # fmt: skip
     return transformers.BertModel(transformers.BertConfig(**{**config, **overrides})).eval().requires_grad_(False)
+
+
+def peak_memory_bytes(step: Callable[[], object]) -> int | None:
+    """Peak bytes allocated above the starting level during one call of ``step`` (torch profiler; ``step`` runs
+    once before, as a warm-up). None when the profiler recorded no allocation. Shared by tests and benchmarks."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            events = json.load(handle)["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not memory:
+        return None
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - start

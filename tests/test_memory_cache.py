@@ -9,6 +9,7 @@ import torch
 
 import l2p_fast
 from l2p_fast import FusedPromptPool, _native
+from l2p_fast.testing import peak_memory_bytes
 
 pytestmark = pytest.mark.skipif(not _native.is_built(), reason=f"native extension missing: {_native.LOAD_ERROR}")
 
@@ -118,8 +119,6 @@ def _roundtrip(t: torch.Tensor):
 
 
 def test_profiler_sees_cached_allocations() -> None:
-    from bench.common import peak_memory_bytes
-
     ours, _ = _pools()
     x, cls = _inputs(8)
     peak = peak_memory_bytes(lambda: ours(x, cls_features=cls))

@@ -13,6 +13,7 @@ from l2p_fast.testing import (
     backend_skip_reason,
     make_inputs,
     max_error,
+    peak_memory_bytes,
     random_cases,
     select_by_rule,
 )
@@ -105,3 +106,10 @@ def test_tiny_models() -> None:
     bert = tiny_bert(hidden_act="relu")
     assert bert.config.hidden_size == 24 and bert.config.hidden_act == "relu"
     assert not any(p.requires_grad for p in bert.parameters()) and not bert.training
+
+
+def test_peak_memory_bytes_counts_what_the_step_allocates() -> None:
+    small = peak_memory_bytes(lambda: torch.empty(1_000, dtype=torch.float32).fill_(1.0))
+    large = peak_memory_bytes(lambda: torch.empty(1_000_000, dtype=torch.float32).fill_(1.0))
+    assert small is not None and large is not None
+    assert large >= 4_000_000 > small
