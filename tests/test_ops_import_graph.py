@@ -87,6 +87,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_package_import_graph_is_acyclic() -> None:
     graph = import_graph()
     assert "l2p_fast.ops.pool" in graph and "l2p_fast.dispatch" in graph["l2p_fast.ops.pool"]
+    assert "l2p_fast.continual.benchmarks.files" in graph["l2p_fast.continual.benchmarks.vision"]  # subpackages too
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
