@@ -9,6 +9,7 @@ from torch.autograd import forward_ad
 
 from l2p_fast import FusedPromptPool, dispatch
 from l2p_fast.ops.assemble import assemble
+from l2p_fast.testing import clone_pool
 
 FUSED = ("cpu", "triton")
 CONFIG = dict(length=2, embed_dim=8, prompt_pool=True, prompt_key=True, pool_size=5, top_k=2)
@@ -24,9 +25,7 @@ def pools(backend: str, seed: int = 0, **overrides) -> tuple[FusedPromptPool, Fu
     config = {**CONFIG, **overrides}
     torch.manual_seed(seed)
     module = FusedPromptPool(**config, backend=backend)
-    twin = FusedPromptPool(**config, backend="reference")
-    twin.load_state_dict(module.state_dict())
-    return module, twin
+    return module, clone_pool(module, "reference")
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -18,6 +18,7 @@ import torch
 import torch._dynamo.testing
 
 from l2p_fast import FusedPromptPool, dispatch
+from l2p_fast.testing import clone_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("reference", "cpu", "triton")
@@ -39,9 +40,7 @@ def pools(backend: str, seed: int = 0, **overrides) -> tuple[FusedPromptPool, Fu
     config = {**CONFIG, **overrides}
     torch.manual_seed(seed)
     module = FusedPromptPool(**config, backend=backend)
-    twin = FusedPromptPool(**config, backend="reference")
-    twin.load_state_dict(module.state_dict())
-    return module, twin
+    return module, clone_pool(module, "reference")
 
 
 def assert_same_outputs(got: dict, expected: dict) -> None:
