@@ -307,3 +307,17 @@ def peak_memory_bytes(step: Callable[[], object]) -> int | None:
         return None
     start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
     return max(m["Total Allocated"] for m in memory) - start
+
+
+class Interrupted(Exception):
+    """Raised by the hook of :func:`interrupt_after`: a run stopped from outside, as a kill would."""
+
+
+def interrupt_after(step: int) -> Callable[[int], None]:
+    """A trainer ``step_hook`` that raises :class:`Interrupted` once global step ``step`` has run."""
+
+    def hook(current: int) -> None:
+        if current == step:
+            raise Interrupted(f"interrupted after step {step}")
+
+    return hook

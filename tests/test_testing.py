@@ -8,9 +8,11 @@ from l2p_fast.testing import (
     BACKEND_DEVICES,
     ERROR_FLOORS,
     FUSED_BACKEND_DEVICES,
+    Interrupted,
     PoolCase,
     assert_close_to_truth,
     backend_skip_reason,
+    interrupt_after,
     make_inputs,
     max_error,
     peak_memory_bytes,
@@ -113,3 +115,11 @@ def test_peak_memory_bytes_counts_what_the_step_allocates() -> None:
     large = peak_memory_bytes(lambda: torch.empty(1_000_000, dtype=torch.float32).fill_(1.0))
     assert small is not None and large is not None
     assert large >= 4_000_000 > small
+
+
+def test_interrupt_after_raises_at_that_step_only() -> None:
+    hook = interrupt_after(3)
+    hook(1)
+    hook(2)
+    with pytest.raises(Interrupted, match="after step 3"):
+        hook(3)

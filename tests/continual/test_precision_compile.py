@@ -11,18 +11,7 @@ from l2p_fast.continual.checkpoint import CHECKPOINT_NAME, CheckpointError, deco
 from l2p_fast.continual.config import PRECISIONS, RunConfig, validate_config
 from l2p_fast.continual.trainer import Trainer, train
 from l2p_fast.models import precision as precision_module
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(n):
-    def hook(step):
-        if step == n:
-            raise Interrupt(f"interrupted after step {n}")
-
-    return hook
+from l2p_fast.testing import Interrupted, interrupt_after
 
 
 def test_cli_flags_reach_the_config():
@@ -84,7 +73,7 @@ def test_mixed_precision_resume_is_exact(precision, stop, tiny_backbone, tmp_pat
     cfg = tiny_config("l2p", tiny_backbone.name, precision=precision, checkpoint_every=3)
     full = Trainer(cfg, tmp_path / "full", backbone=tiny_backbone)
     expected = full.run()
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         Trainer(cfg, tmp_path / "cut", backbone=tiny_backbone, step_hook=interrupt_after(stop)).run()
     resumed = Trainer(cfg, tmp_path / "cut", resume=True, backbone=tiny_backbone)
     got = resumed.run()

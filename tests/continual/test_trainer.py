@@ -12,18 +12,7 @@ from l2p_fast.continual.checkpoint import CHECKPOINT_NAME, CheckpointError
 from l2p_fast.continual.config import METHODS
 from l2p_fast.continual.output import OutputError
 from l2p_fast.continual.trainer import Trainer, class_mask, phases_of, train
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(n):
-    def hook(step):
-        if step == n:
-            raise Interrupt(f"interrupted after step {n}")
-
-    return hook
+from l2p_fast.testing import Interrupted, interrupt_after
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -81,7 +70,7 @@ def test_resume_reproduces_uninterrupted_run(method, stop, tiny_backbone, tmp_pa
     full = Trainer(cfg, tmp_path / "full", backbone=tiny_backbone)
     expected = full.run()
     broken = Trainer(cfg, tmp_path / "cut", backbone=tiny_backbone, step_hook=interrupt_after(stop))
-    with pytest.raises(Interrupt):
+    with pytest.raises(Interrupted):
         broken.run()
     assert (tmp_path / "cut" / CHECKPOINT_NAME).exists() and not (tmp_path / "cut" / "results.json").exists()
     resumed = Trainer(cfg, tmp_path / "cut", resume=True, backbone=tiny_backbone)
