@@ -53,9 +53,9 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--replay-batch-size", "replay_batch_size", {"type": int}),
     ("--checkpoint-every", "checkpoint_every", {"type": int, "help": "steps between checkpoints (0: per task only)"}),
     ("--device", "device", {"help": "auto, cpu or cuda"}),
-    ("--precision", "precision", {"help": "fp32 (default), bf16 or fp16 autocast of the forward passes (prompts, "
-                                          "keys, head and optimiser state stay fp32); auto: bf16 where the "
-                                          "hardware runs it natively, else fp32"}),
+    ("--precision", "precision", {"help": "auto (default: bf16 where the hardware runs it natively, else fp32), "
+                                          "fp32, bf16 or fp16 autocast of the forward passes (prompts, keys, "
+                                          "head and optimiser state stay fp32)"}),
     ("--compile", "compile", {"action": "store_true", "default": None, "help": "torch.compile the model's forward"}),
     ("--threads", "num_threads", {"type": int}),
     ("--workers", "num_workers", {"type": int, "help": "images: worker processes loading and augmenting the next "

@@ -90,9 +90,9 @@ class RunConfig:
     # running
     checkpoint_every: int = 100
     device: str = "auto"
-    # fp32 | bf16 | fp16 autocast of the forward passes (parameters and optimiser state stay fp32); 'auto': bf16
-    # where the hardware runs it natively, else fp32 (the trainer replaces 'auto' by its choice)
-    precision: str = "fp32"
+    # fp32 | bf16 | fp16 autocast of the forward passes (parameters and optimiser state stay fp32); 'auto' (the
+    # default): bf16 where the hardware runs it natively, else fp32 (the trainer replaces 'auto' by its choice)
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model's forward
     num_threads: int | None = None
     num_workers: int = 0  # image pools: worker processes that load, decode and augment the next batches

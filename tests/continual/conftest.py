@@ -41,6 +41,7 @@ def make_tiny_config(method: str, backbone: str, **overrides):
         method=method, backbone=backbone, train_per_class=4, test_per_class=2, epochs=2, batch_size=4,
         eval_batch_size=8, max_length=12, pool_size=6, top_k=2, prompt_length=2, buffer_per_class=2,
         replay_batch_size=2, fisher_samples=8, checkpoint_every=0, progress=False, seed=3, num_threads=1,
+        precision="fp32",  # the trainer's logic tests are precision-free; test_precision_compile covers the others
     )
     values.update(overrides)
     return RunConfig(**values)

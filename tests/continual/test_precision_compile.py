@@ -21,7 +21,7 @@ def test_cli_flags_reach_the_config():
     config = config_from_args(args, "l2p")
     assert config.precision == "bf16" and config.compile is True
     plain = config_from_args(build_parser().parse_args(["compare", "--output", "x"]), "l2p")
-    assert plain.precision == "fp32" and plain.compile is False
+    assert plain.precision == "auto" and plain.compile is False
 
 
 def test_config_precisions_are_the_models():
@@ -61,11 +61,16 @@ def test_auto_records_the_choice(tiny_backbone, tmp_path, tiny_config, monkeypat
         assert json.loads((out / "results.json").read_text())["config"]["precision"] == chosen
 
 
-def test_fp32_default_is_unchanged(tiny_backbone, tmp_path, tiny_config):
-    assert RunConfig().precision == "fp32" and RunConfig().compile is False
-    a = train(tiny_config("l2p", tiny_backbone.name), tmp_path / "a", backbone=tiny_backbone)
-    b = train(tiny_config("l2p", tiny_backbone.name, precision="fp32"), tmp_path / "b", backbone=tiny_backbone)
-    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["precision"] == "fp32"
+def test_default_precision_is_auto_and_resolves_by_hardware(tiny_backbone, tmp_path, tiny_config, monkeypatch):
+    """The default is 'auto': a run without --precision trains exactly as one asking for the hardware's choice."""
+    assert RunConfig().precision == "auto" and RunConfig().compile is False
+    chosen = precision_module.resolve_precision("auto", torch.device("cpu"))
+    assert chosen == ("bf16" if precision_module.has_fast_bf16(torch.device("cpu")) else "fp32")
+    a = train(tiny_config("l2p", tiny_backbone.name, precision=RunConfig().precision), tmp_path / "a",
+              backbone=tiny_backbone)
+    b = train(tiny_config("l2p", tiny_backbone.name, precision=chosen), tmp_path / "b", backbone=tiny_backbone)
+    assert a["precision"] == chosen and a["precision_requested"] == "auto"
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
 
 
 @pytest.mark.parametrize("precision,stop", [("fp16", 13), ("bf16", 7)])
