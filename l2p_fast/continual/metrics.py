@@ -20,6 +20,8 @@ __all__ = [
     "backward_transfer",
     "empty_accuracy_matrix",
     "forgetting",
+    "learning_accuracy",
+    "learning_accuracy_per_task",
     "summarize",
 ]
 
@@ -100,6 +102,18 @@ def backward_transfer(acc_matrix: Any) -> float:
     return float(np.mean([acc[last, i] - acc[i, i] for i in range(last)]))
 
 
+def learning_accuracy_per_task(acc_matrix: Any) -> list[float]:
+    """``acc[t][t]`` for every task: the accuracy on each task right after learning it (the diagonal)."""
+    acc = as_accuracy_matrix(acc_matrix)
+    return [float(acc[t, t]) for t in range(acc.shape[0])]
+
+
+def learning_accuracy(acc_matrix: Any) -> float:
+    """Mean over tasks of ``acc[t][t]``: how well each task was learned at all, so that low forgetting from
+    never learning shows (forgetting measures drops from the best earlier value, never from a task not learned)."""
+    return float(np.mean(learning_accuracy_per_task(acc_matrix)))
+
+
 def summarize(acc_matrix: Any) -> dict[str, Any]:
     """All metrics of one run as a JSON-serialisable dict."""
     acc = as_accuracy_matrix(acc_matrix)
@@ -108,6 +122,8 @@ def summarize(acc_matrix: Any) -> dict[str, Any]:
         "average_accuracy": average_accuracy(acc),
         "forgetting": forgetting(acc),
         "backward_transfer": backward_transfer(acc),
+        "learning_accuracy": learning_accuracy(acc),
+        "learning_accuracy_per_task": learning_accuracy_per_task(acc),
         "average_accuracy_curve": average_accuracy_curve(acc),
         "acc_matrix": [[float(v) for v in acc[t, : t + 1]] for t in range(acc.shape[0])],
     }

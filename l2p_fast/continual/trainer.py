@@ -57,6 +57,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RunConfig, resolve
+from .diagnostics import selection_diagnostics
 from .features import cached_features
 from .loading import item_seeds, load_batches
 from .methods import Method, TaskEnd, make_method
@@ -258,6 +259,7 @@ class Trainer:
         rows: list[list[float]] = []
         counts_train = torch.zeros(num_tasks, cfg.pool_size, dtype=torch.long)
         counts_test = torch.zeros(num_tasks, cfg.pool_size, dtype=torch.long)
+        reduce_sim = torch.zeros(len(self.phases), cfg.epochs, 2, dtype=torch.float64)  # per epoch: sum, steps
         position = {"phase": 0, "epoch": 0, "step": 0, "global_step": 0}
         elapsed = {"train": 0.0, "eval": 0.0, "setup": 0.0, "examples": 0}
         optimizer_state = None
@@ -277,6 +279,8 @@ class Trainer:
                 rows = [list(r) for r in state["rows"]]
                 counts_train = state["counts_train"].clone()
                 counts_test = state["counts_test"].clone()
+                if tuple(state.get("reduce_sim", torch.zeros(0)).shape) == tuple(reduce_sim.shape):
+                    reduce_sim = state["reduce_sim"].clone()
                 position = dict(state["position"])
                 elapsed = dict(state["elapsed"])
                 optimizer_state = state["optimizer"]
@@ -317,6 +321,7 @@ class Trainer:
                     "rows": rows,
                     "counts_train": counts_train,
                     "counts_test": counts_test,
+                    "reduce_sim": reduce_sim,
                     "elapsed": elapsed,
                     "rng": torch.get_rng_state(),
                     "scaler": scaler.state_dict(),
@@ -369,6 +374,8 @@ class Trainer:
                     if "prompt_idx" in out:
                         current = out["prompt_idx"][: len(batches[step])].flatten().cpu()
                         counts_train[max(phase.train_tasks)] += torch.bincount(current, minlength=cfg.pool_size)
+                    if "reduce_sim" in parts:
+                        reduce_sim[p, epoch] += torch.tensor([parts["reduce_sim"], 1.0], dtype=torch.float64)
                     position.update(phase=p, epoch=epoch, step=step + 1)
                     position["global_step"] += 1
                     elapsed["examples"] += len(batches[step])
@@ -397,6 +404,11 @@ class Trainer:
             checkpoint(position, None)
         bar.close()
         results = self._results(rows, counts_train, counts_test, elapsed)
+        if reduce_sim[..., 1].any():
+            results["reduce_sim_per_epoch"] = (reduce_sim[..., 0] / reduce_sim[..., 1].clamp(min=1)).tolist()
+        diagnostics = selection_diagnostics(results)
+        if diagnostics:
+            results["selection_diagnostics"] = diagnostics
         write_json(self.output / RESULTS_NAME, results)
         return results
 
@@ -472,11 +484,12 @@ class Trainer:
         cfg = self.config
         bench = self.benchmark
         if cfg.method == "joint":
-            average, forget, curve, bwt = sum(rows[0]) / len(rows[0]), None, None, None
+            average, forget, curve, bwt, learning = sum(rows[0]) / len(rows[0]), None, None, None, None
         else:
             summary = metrics.summarize(rows)
             average, forget = summary["average_accuracy"], summary["forgetting"]
             curve, bwt = summary["average_accuracy_curve"], summary["backward_transfer"]
+            learning = summary["learning_accuracy"]
         seconds = elapsed["setup"] + elapsed["train"] + elapsed["eval"]
         results: dict[str, Any] = {
             "method": cfg.method,
@@ -484,6 +497,7 @@ class Trainer:
             "average_accuracy": average,
             "forgetting": forget,
             "backward_transfer": bwt,
+            "learning_accuracy": learning,
             "accuracy_matrix": rows,
             "average_accuracy_curve": curve,
             "final_accuracy_per_task": rows[-1],
