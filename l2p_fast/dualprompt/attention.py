@@ -33,25 +33,40 @@ def fused_lse(device_type: str) -> bool:
     return device_type == "cpu"
 
 
-def _token_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of q (B, H, N, Dh) over the tokens k, v (B, H, N, Dh) → (out (B, H, N, Dh), lse (B, H, N))."""
+def additive_mask(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """key_mask (B, N) bool, True = attend → additive (B, 1, 1, N) mask in ``dtype`` (0 / −inf), or None."""
+    if key_mask is None:
+        return None
+    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(
+        ~key_mask, float("-inf"))[:, None, None, :]  # fmt: skip
+
+
+def _token_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Attention of q (B, H, N, Dh) over the tokens k, v (B, H, N, Dh) → (out (B, H, N, Dh), lse (B, H, N));
+    ``mask``: additive (B, 1, 1, N) or None."""
     if fused_lse(q.device.type):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+        if mask is not None:  # a row without a valid token: the kernel gives out 0 and lse 0; its lse is −inf
+            lse = lse.masked_fill(torch.isinf(mask).all(-1), float("-inf"))
         return out, lse
     scores = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+    finite = lse.masked_fill(lse == float("-inf"), 0.0)  # a row without a valid token: out 0, not NaN
+    return torch.exp(scores - finite.unsqueeze(-1)) @ v, lse
 
 
 def _token_backward(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grads of q, k, v for the token part of a joint softmax whose (merged) output and lse are given."""
     if fused_lse(q.device.type):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False, scale=scale
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
         )
-    probs = torch.exp((q @ k.transpose(-2, -1)) * scale - lse.unsqueeze(-1))
+    scores = (q @ k.transpose(-2, -1)) * scale
+    probs = torch.exp((scores if mask is None else scores + mask) - lse.unsqueeze(-1))
     delta = (grad * out).sum(-1, keepdim=True)
     grad_scores = probs * (grad @ v.transpose(-2, -1) - delta)
     return grad_scores @ k * scale, grad_scores.transpose(-2, -1) @ q * scale, probs.transpose(-2, -1) @ grad
@@ -74,28 +89,28 @@ class _PrefixAttention(torch.autograd.Function):
     whose inputs need no gradient are skipped (the first prefix layer of a frozen ViT needs only the prefix's)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, scale):
-        out, lse_t = _token_forward(q, k, v, scale)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, scale, mask):
+        out, lse_t = _token_forward(q, k, v, scale, mask)
         scores_p = _prefix_scores(q, prefix_k, scale)  # (B, H, N, P)
         lse = torch.logaddexp(lse_t, torch.logsumexp(scores_p, dim=-1))
         probs_p = scores_p.sub_(lse.unsqueeze(-1)).exp_()
         # out = exp(lse_t - lse)·out_t + probs_p @ prefix_v, written into the token output (ours, fresh)
         torch.addcmul(torch.matmul(probs_p, prefix_v), out, (lse_t - lse).exp_().unsqueeze(-1), out=out)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, probs_p)  # probs_p: P ≪ Dh columns
-        ctx.scale = scale
+        ctx.scale, ctx.mask = scale, mask
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, prefix_k, prefix_v, out, lse, probs_p = ctx.saved_tensors
-        scale = ctx.scale
+        scale, mask = ctx.scale, ctx.mask
         need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
         grad_q = grad_k = grad_v = grad_pk = grad_pv = None
         if need_q or need_k or need_v:
-            grad_q, grad_k, grad_v = _token_backward(grad, q, k, v, out, lse, scale)
+            grad_q, grad_k, grad_v = _token_backward(grad, q, k, v, out, lse, scale, mask)
         if not (need_q or need_pk or need_pv):
-            return grad_q, grad_k, grad_v, None, None, None
+            return grad_q, grad_k, grad_v, None, None, None, None
         if need_q or need_pk:
             delta = torch.linalg.vecdot(grad, out).unsqueeze(-1)  # (B, H, N, 1)
             grad_scores_p = (torch.matmul(grad, prefix_v.transpose(-2, -1)).sub_(delta)).mul_(probs_p).mul_(scale)
@@ -105,30 +120,36 @@ class _PrefixAttention(torch.autograd.Function):
                 grad_pk = _sum_to(torch.matmul(grad_scores_p.transpose(-2, -1), q), prefix_k.shape[0])
         if need_pv:
             grad_pv = _sum_to(torch.matmul(probs_p.transpose(-2, -1), grad), prefix_v.shape[0])
-        return grad_q, grad_k, grad_v, grad_pk, grad_pv, None
+        return grad_q, grad_k, grad_v, grad_pk, grad_pv, None, None
 
 
 def prefix_attention(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, scale: float | None = None
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, scale: float | None = None,
+    *, key_mask: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """softmax(q [prefix_k; k]ᵀ·scale) [prefix_v; v] → (B, H, N, Dh) without concatenating k, v.
 
     q, k, v (B, H, N, Dh); prefix_k, prefix_v (1 | B, H, P, Dh) or both None (plain SDPA); scale defaults
-    to Dh^-1/2. Differentiable once in every input.
+    to Dh^-1/2; ``key_mask`` (B, N) bool, False = a padded token no query attends (the prefix is always
+    attended). Differentiable once in q, k, v and the prefix.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k, prefix_v: expected both or neither, got one of them")
-    if prefix_k is None:
-        return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     batch, heads, _, head_dim = q.shape
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (batch, k.shape[2])):
+        raise ValueError(f"key_mask: expected a bool (B, N) = ({batch}, {k.shape[2]}) tensor, "
+                         f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if prefix_k is None:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if t.dim() != 4 or t.shape[0] not in (1, batch) or t.shape[1] != heads or t.shape[3] != head_dim:
             expected = f"(1 | B, H, P, Dh) = (1 | {batch}, {heads}, P, {head_dim})"
             raise ValueError(f"{name}: expected {expected}, got {tuple(t.shape)}")
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(f"prefix_v: expected prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
-    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale)
+    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale, additive_mask(key_mask, q.dtype))
 
 
 class PrefixAttention(nn.Module):

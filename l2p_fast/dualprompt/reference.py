@@ -81,15 +81,23 @@ def eprompt_forward(
 
 
 def prefix_attention(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, scale: float
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, scale: float,
+    key_mask: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """softmax(q [prefix_k; k]ᵀ · scale) [prefix_v; v] → (B, H, N, Dh), by the port's concat.
 
-    q, k, v (B, H, N, Dh); prefix_k, prefix_v (1 | B, H, P, Dh) or None (plain attention).
+    q, k, v (B, H, N, Dh); prefix_k, prefix_v (1 | B, H, P, Dh) or None (plain attention); key_mask (B, N)
+    bool or None: False keys get −inf scores (the prefix is always attended).
     """
+    batch = q.shape[0]
+    if key_mask is not None:
+        key_mask = key_mask[:, None, None, :]
     if prefix_k is not None:
-        batch = q.shape[0]
         k = torch.cat([prefix_k.expand(batch, -1, -1, -1), k], dim=2)
         v = torch.cat([prefix_v.expand(batch, -1, -1, -1), v], dim=2)
-    attn = (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)
-    return attn @ v
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask.new_ones(batch, 1, 1, prefix_k.shape[2]), key_mask], dim=-1)
+    scores = q @ k.transpose(-2, -1) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v

@@ -143,3 +143,36 @@ def test_output_keeps_the_kernel_layout() -> None:
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert out.stride() == sdpa.stride()
     assert out.transpose(1, 2).reshape(2, 5, 12)._base is not None
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa-lse", "math"])
+@pytest.mark.parametrize("prefix_batch", [1, 3])
+def test_key_mask_against_concat(fused: bool, prefix_batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padded tokens (key_mask False) get no weight, the prefix always; outputs and gradients as the masked concat;
+    a fully padded row attends the prefix alone; no prefix: SDPA with the mask."""
+    monkeypatch.setattr(attention, "fused_lse", lambda device_type: fused)
+    torch.manual_seed(5)
+    args = _inputs(3, 2, 6, 2, 4, prefix_batch)
+    key_mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [False] * 6])
+    out = prefix_attention(*args, key_mask=key_mask)
+    want = reference_attention(*args, 0.5, key_mask)
+    torch.testing.assert_close(out, want, **TOL)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, grad)
+    for g, expected in zip(got, torch.autograd.grad(want, args, grad), strict=True):
+        torch.testing.assert_close(g, expected, **TOL)
+    assert got[1][1, :, 3:].abs().max() == 0 and got[2][2].abs().max() == 0  # padded keys / values: no gradient
+    q, k, v = (a[:2] for a in args[:3])
+    mask = key_mask[:2]
+    torch.testing.assert_close(prefix_attention(q, k, v, None, None, key_mask=mask),
+                               reference_attention(q, k, v, None, None, 0.5, mask), **TOL)
+    assert torch.autograd.gradcheck(lambda *t: prefix_attention(*t, key_mask=key_mask), args)
+
+
+def test_bad_key_mask_named() -> None:
+    q = torch.randn(2, 2, 3, 4)
+    prefix = torch.randn(1, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"key_mask: expected a bool \(B, N\) = \(2, 3\)"):
+        prefix_attention(q, q, q, prefix, prefix, key_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="key_mask"):
+        prefix_attention(q, q, q, prefix, prefix, key_mask=torch.ones(2, 4, dtype=torch.bool))
