@@ -25,6 +25,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--class-order-seed", "class_order_seed", {"type": int, "help": "shuffle the class order with this seed"}),
     ("--train-per-class", "train_per_class", {"type": int, "help": "text: keep this many training examples per class"}),
     ("--test-per-class", "test_per_class", {"type": int, "help": "text: keep this many test examples per class"}),
+    ("--validation", "validation_fraction", {"type": float, "help": "hold out this share (0-1) of each class's "
+                                                    "training data and evaluate on it instead of the test set"}),
     ("--backbone", "backbone", {"help": "text: transformers folder or hub name (default: offline all-MiniLM-L6-v2); "
                                         "images: timm ViT name (default vit_base_patch16_224)"}),
     ("--no-pretrained", "pretrained", {"action": "store_false", "default": None, "help": "images: random weights"}),

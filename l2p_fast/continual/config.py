@@ -42,7 +42,7 @@ DEFAULT_EPOCHS = 5
 # fields that do not change the numbers of a run (left out of the resume fingerprint)
 NON_RESULT_FIELDS = ("device", "num_threads", "num_workers", "checkpoint_every", "progress", "eval_batch_size")
 # result fields added after runs were checkpointed: left out of the fingerprint at these values, so those resume
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False}
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False, "validation_fraction": 0.0}
 PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwise_prompt", "use_prompt_mask",
                  "head_type", "backend")
 EWC_FIELDS = ("ewc_lambda", "fisher_samples")
@@ -61,6 +61,9 @@ class RunConfig:
     class_order_seed: int | None = None
     train_per_class: int | None = None
     test_per_class: int | None = None
+    # > 0: hold out this share of each class's training data and evaluate on it instead of the test set
+    # (benchmarks/validation.py; for choosing hyper-parameters)
+    validation_fraction: float = 0.0
     backbone: str | None = None  # text: transformers folder/name (None: offline all-MiniLM-L6-v2); image: timm name
     pretrained: bool = True
     image_size: int = 224
@@ -202,6 +205,9 @@ def validate_config(config: RunConfig) -> None:
     _check_float("clip_grad", config.clip_grad, 0.0)
     _check_float("pull_lambda", config.pull_lambda, 0.0)
     _check_float("ewc_lambda", config.ewc_lambda, 0.0)
+    _check_float("validation_fraction", config.validation_fraction, 0.0)
+    if config.validation_fraction >= 1.0:
+        raise ValueError(f"validation_fraction: expected a number in [0, 1), got {config.validation_fraction!r}")
     if config.top_k > config.pool_size:
         raise ValueError(f"top_k: expected at most pool_size ({config.pool_size}), got {config.top_k}")
     if config.max_length < 2:

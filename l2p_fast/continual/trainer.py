@@ -47,6 +47,7 @@ from . import metrics
 from .backbones import Backbone, load_backbone
 from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .benchmarks import ContinualBenchmark, get_benchmark
+from .benchmarks.validation import validation_split
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -91,7 +92,8 @@ def phases_of(method: str, num_tasks: int) -> list[Phase]:
 
 
 def load_run_benchmark(config: RunConfig) -> ContinualBenchmark:
-    """The benchmark of a resolved config, with its options (data path, subset sizes, class order)."""
+    """The benchmark of a resolved config, with its options (data path, subset sizes, class order); with
+    ``validation_fraction`` its validation split (held out of the training data, in place of the test set)."""
     options: dict[str, Any] = {}
     if config.classes_per_task is not None:
         options["classes_per_task"] = config.classes_per_task
@@ -109,7 +111,8 @@ def load_run_benchmark(config: RunConfig) -> ContinualBenchmark:
         options.setdefault("classes_per_task", 2)
     else:  # torchvision benchmarks
         options.update(root=config.data or "data", download=config.download, image_size=config.image_size)
-    return get_benchmark(name, **options)
+    benchmark = get_benchmark(name, **options)
+    return validation_split(benchmark, config.validation_fraction) if config.validation_fraction else benchmark
 
 
 @contextlib.contextmanager

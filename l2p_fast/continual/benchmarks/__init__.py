@@ -5,6 +5,7 @@ from .files import image_folder, tensor_file
 from .registry import BENCHMARKS, available_benchmarks, get_benchmark
 from .text import TextDataset, wordnet20
 from .transforms import default_transforms
+from .validation import validation_split
 from .vision import five_datasets, split_cifar100
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "split_cifar100",
     "split_tasks",
     "tensor_file",
+    "validation_split",
     "wordnet20",
 ]
