@@ -2,10 +2,11 @@
 
 ``FusedPromptPool`` is a drop-in replacement for the ``Prompt`` module of JH-LEE-KR/l2p-pytorch; DualPrompt's
 ``FusedEPrompt`` and ``PrefixAttention`` / ``prefix_attention`` (``l2p_fast.dualprompt``) for the DualPrompt port's
-``EPrompt`` and ``PreT_Attention``.
+``EPrompt`` and ``PreT_Attention``; CODA-Prompt's ``FusedCodaPrompt`` (``l2p_fast.coda``) for ``CodaPrompt``.
 """
 
 from . import ops, reference  # importing ops fills the dispatcher's table (l2p_fast.dispatch)
+from .coda import FusedCodaPrompt
 from .dispatch import available_backends
 from .dualprompt import FusedEPrompt, PrefixAttention, prefix_attention
 from .memory import (
@@ -18,6 +19,7 @@ from .memory import (
 from .pool import FusedPromptPool
 
 __all__ = [
+    "FusedCodaPrompt",
     "FusedEPrompt",
     "FusedPromptPool",
     "PrefixAttention",

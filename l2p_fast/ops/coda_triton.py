@@ -1,0 +1,125 @@
+"""The Triton backend of ``coda_prompt`` (math and docs in ``coda.py``): launchers, custom op, fake, autograd.
+
+Device code in ``kernels/coda.py`` (installed as ``l2p_fast.kernels.coda``), imported on the first launch so
+``TRITON_INTERPRET`` may be set after ``l2p_fast`` is imported. Forward: the weights kernel, then the rows kernel
+writes the mix (B, Lp, D). Backward: the rowdot kernel gives G = ∂L/∂α, the rows kernel ∂P = αᵀ·g (rows outside
+the trainable slice zero); the (B, F)-sized rest (∂q, ∂K, ∂A: products of (B, F) and (B | F, Dk) matrices) is
+``coda_math.weight_grads``, as on the cpu backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..dispatch import register
+from .coda_math import coda_fake, coda_setup, compute_dtype, weight_grads
+from .triton_launch import big_blocks, device_guard, pow2, reject_forward_ad
+
+
+@functools.cache
+def _device() -> ModuleType:
+    from l2p_fast.kernels import coda
+
+    return coda
+
+
+def _block(n: int, gpu_high: int) -> int:
+    return pow2(n, low=16, high=1 << 14 if big_blocks() else gpu_high)
+
+
+def launch_weights(q: Tensor, keys: Tensor, attn: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """α (B, F) of q (B, Dk) against the used rows keys, attn (F, Dk), stored in ``out_dtype``."""
+    q, keys, attn = q.contiguous(), keys.contiguous(), attn.contiguous()
+    batch, key_dim = q.shape
+    used = keys.shape[0]
+    out = torch.empty((batch, used), dtype=out_dtype, device=q.device)
+    block_m = _block(used, 16)
+    block_d = _block(key_dim, 128)
+    with device_guard(q):
+        _device().coda_weights_kernel[(batch, -(-used // block_m))](
+            q, keys, attn, out, key_dim, used,
+            ACC_FP64=compute_dtype(keys.dtype) == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d,
+        )  # fmt: skip
+    return out
+
+
+def launch_rows(coef: Tensor, transpose: bool, src: Tensor, rows: int, lo: int, hi: int, out_dtype: torch.dtype
+                ) -> Tensor:
+    """out (rows, R) with out[i] = Σ_j c[i, j]·src[j] for i in [lo, hi), zero elsewhere; c = coef (rows, J), or
+    coef (J, rows) read transposed when ``transpose``; src (J, R)."""
+    coef, src = coef.contiguous(), src.contiguous()
+    count, row = src.shape
+    stride_i, stride_j = (1, coef.shape[1]) if transpose else (coef.shape[1], 1)
+    out = torch.empty((rows, row), dtype=out_dtype, device=src.device)
+    block = _block(row, 1024)
+    with device_guard(src):
+        _device().coda_rows_kernel[(rows, -(-row // block))](
+            coef, src, out, count, row, stride_i, stride_j, lo, hi,
+            ACC_FP64=compute_dtype(src.dtype) == torch.float64, BLOCK_R=block,
+        )  # fmt: skip
+    return out
+
+
+def launch_rowdot(grad: Tensor, prompt_rows: Tensor, base: Tensor | None) -> Tensor:
+    """G (B, F) = base + grad (B, R) · prompt_rows (F, R)ᵀ in the compute dtype."""
+    grad, prompt_rows = grad.contiguous(), prompt_rows.contiguous()
+    batch, row = grad.shape
+    used = prompt_rows.shape[0]
+    out = torch.empty((batch, used), dtype=compute_dtype(prompt_rows.dtype), device=grad.device)
+    base = base.contiguous() if base is not None else out
+    block_m = _block(used, 16)
+    block_r = _block(row, 256)
+    with device_guard(grad):
+        _device().coda_rowdot_kernel[(batch, -(-used // block_m))](
+            grad, prompt_rows, base, out, used, row, HAS_BASE=base is not out, BLOCK_M=block_m, BLOCK_R=block_r,
+        )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op(
+    "l2p_fast::coda_prompt_triton", mutates_args=(),
+    schema="(Tensor q, Tensor keys, Tensor attn, Tensor prompt, int start, int stop) -> (Tensor, Tensor)",
+)  # fmt: skip
+def coda_prompt_triton(q: Tensor, keys: Tensor, attn: Tensor, prompt: Tensor, start: int, stop: int):
+    """Triton CODA mix: q (B, Dk), keys, attn (M, Dk), prompt (M, Lp, D) → (mixed (B, Lp, D), α (B, F))."""
+    weights = launch_weights(q, keys[:stop], attn[:stop], prompt.dtype)
+    batch, (_, length, width) = q.shape[0], prompt.shape
+    rows = prompt[:stop].reshape(stop, length * width)
+    mixed = launch_rows(weights, False, rows, batch, 0, batch, prompt.dtype)
+    return mixed.view(batch, length, width), weights
+
+
+coda_prompt_triton.register_fake(coda_fake)
+
+
+def _backward(ctx, grad_mixed: Tensor | None, grad_weights: Tensor | None):
+    q, keys, attn, prompt, weights = ctx.saved_tensors
+    start, stop = ctx.start, ctx.stop
+    pool, length, width = prompt.shape
+    grad_p = None
+    if grad_mixed is None:
+        grad_w = torch.zeros_like(weights, dtype=compute_dtype(weights.dtype)) if grad_weights is None else grad_weights
+        if ctx.needs_input_grad[3]:
+            grad_p = prompt.new_zeros(prompt.shape)
+    else:
+        g = grad_mixed.reshape(q.shape[0], length * width).to(prompt.dtype)
+        grad_w = launch_rowdot(g, prompt[:stop].reshape(stop, length * width), grad_weights)
+        if ctx.needs_input_grad[3]:
+            grad_p = launch_rows(weights, True, g, pool, start, stop, prompt.dtype).view(pool, length, width)
+    grad_q, grad_k, grad_a = weight_grads(q, keys[:stop], attn[:stop], weights, grad_w, start, pool,
+                                          ctx.needs_input_grad[0])
+    return grad_q, grad_k, grad_a, grad_p, None, None
+
+
+coda_prompt_triton.register_autograd(_backward, setup_context=coda_setup)
+
+
+@register("coda_prompt", "triton")
+def triton_coda_prompt(q: Tensor, keys: Tensor, attn: Tensor, prompt: Tensor, start: int, stop: int):
+    """The Triton backend of ``coda_prompt`` (no forward-mode AD: a clear error; differentiable once)."""
+    reject_forward_ad("CODA prompt mix", q, keys, attn, prompt)
+    return coda_prompt_triton(q, keys, attn, prompt, start, stop)
