@@ -149,6 +149,8 @@ def prefix_attention(
             raise ValueError(f"{name}: expected {expected}, got {tuple(t.shape)}")
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(f"prefix_v: expected prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
+    if prefix_k.dtype != q.dtype:  # fp32 prompts meet autocast's bf16/fp16 q, k, v: the prefix follows q
+        prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, scale, additive_mask(key_mask, q.dtype))
 
 

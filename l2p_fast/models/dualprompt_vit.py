@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..dualprompt.attention import prefix_attention
 from ..dualprompt.eprompt import FusedEPrompt
-from ..pool import _init_parameter
+from ..dualprompt.layers import check_layers, layer_prompt, make_g_prompt
 from .common import check_final_tokens, eval_mode, freeze_all_but, task_prompt_mask
 from .vit import _check_vit
 from .vit_rows import block_rows, is_rowwise_norm
@@ -102,16 +102,7 @@ class DualPromptViT(nn.Module):
         check_final_tokens(final_tokens)
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
-        depth = len(vit.blocks)
-        g_idx, e_idx = tuple(g_prompt_layer_idx), tuple(e_prompt_layer_idx)
-        for name, idx in (("g_prompt_layer_idx", g_idx), ("e_prompt_layer_idx", e_idx)):
-            if any(not isinstance(i, int) or not 0 <= i < depth for i in idx) or len(set(idx)) != len(idx):
-                raise ValueError(f"{name}: expected distinct block indices in [0, {depth}), got {list(idx)}")
-        if set(g_idx) & set(e_idx):
-            raise ValueError(f"e_prompt_layer_idx: expected no layer of g_prompt_layer_idx {list(g_idx)}, "
-                             f"got {list(e_idx)}")
-        if not e_idx:
-            raise ValueError("e_prompt_layer_idx: expected at least one layer, got []")
+        g_idx, e_idx = check_layers(g_prompt_layer_idx, e_prompt_layer_idx, len(vit.blocks))
         width = vit.cls_token.shape[-1]
         heads = vit.blocks[0].attn.num_heads
         prefix_layers = g_idx if use_prefix_tune_for_g_prompt else ()
@@ -129,12 +120,8 @@ class DualPromptViT(nn.Module):
         self.head_drop = vit.head_drop
         self.head = vit.head
         device = vit.cls_token.device
-        if g_idx:
-            g_shape = (len(g_idx), 2, g_prompt_length, heads, width // heads) if use_prefix_tune_for_g_prompt else (
-                len(g_idx), g_prompt_length, width)
-            self.g_prompt = _init_parameter(g_shape, prompt_init)
-        else:
-            self.register_parameter("g_prompt", None)
+        self.g_prompt = make_g_prompt(len(g_idx), g_prompt_length, width, heads, use_prefix_tune_for_g_prompt,
+                                      prompt_init)
         self.e_prompt = FusedEPrompt(
             length=length, embed_dim=width, embedding_key=embedding_key, prompt_init=prompt_init, prompt_pool=True,
             prompt_key=True, pool_size=pool_size, top_k=top_k, batchwise_prompt=batchwise_prompt,
@@ -225,19 +212,17 @@ class DualPromptViT(nn.Module):
         res = e_prompt(tokens, prompt_mask=mask, cls_features=cls_features)
         batched = res["batched_prompt"]
         outputs = []
-        g_prompt = self.g_prompt
+        g_prompt = self.g_prompt if self.use_prefix_tune_for_g_prompt else None  # the port ignores G prompt-tuning
         last = len(self.blocks) - 1
         head_only = self.final_tokens == "head"
         sliced = False  # whether tokens holds only the rows the head reads
         for i, block in enumerate(self.blocks):
-            if i in self.g_prompt_layer_idx and self.use_prefix_tune_for_g_prompt:
-                tokens = prefix_block(block, tokens, g_prompt[self.g_prompt_layer_idx.index(i)].unsqueeze(0))
-            elif i in self.e_prompt_layer_idx:
-                layer = batched[self.e_prompt_layer_idx.index(i)]
-                if self.use_prefix_tune_for_e_prompt:
-                    tokens = prefix_block(block, tokens, layer)
-                else:
-                    tokens = block(torch.cat([layer, tokens], dim=1))
+            prompt = layer_prompt(i, self.g_prompt_layer_idx, self.e_prompt_layer_idx, g_prompt, batched,
+                                  self.use_prefix_tune_for_g_prompt, self.use_prefix_tune_for_e_prompt)
+            if prompt is not None and prompt[0]:
+                tokens = prefix_block(block, tokens, prompt[1])
+            elif prompt is not None:
+                tokens = block(torch.cat([prompt[1], tokens], dim=1))
             elif i == last and head_only and is_rowwise_norm(self.norm):  # the last block on the head's rows only
                 tokens, sliced = block_rows(block, tokens, *self._head_rows(tokens.shape[1])), True
             else:

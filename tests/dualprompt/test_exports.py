@@ -3,6 +3,7 @@
 import l2p_fast
 import l2p_fast.models
 from l2p_fast.dualprompt import FusedEPrompt, PrefixAttention, prefix_attention
+from l2p_fast.models.dualprompt_text import DualPromptTextEncoder
 from l2p_fast.models.dualprompt_vit import DualPromptViT
 
 
@@ -15,4 +16,5 @@ def test_package_exports() -> None:
 
 def test_models_export() -> None:
     assert l2p_fast.models.DualPromptViT is DualPromptViT
-    assert "DualPromptViT" in l2p_fast.models.__all__
+    assert l2p_fast.models.DualPromptTextEncoder is DualPromptTextEncoder
+    assert {"DualPromptViT", "DualPromptTextEncoder"} <= set(l2p_fast.models.__all__)
