@@ -1,4 +1,5 @@
-"""The ``l2p-fast`` command line: ``train`` one method, or ``compare`` several on one benchmark.
+"""The ``l2p-fast`` command line: ``train`` one method, ``compare`` several on one benchmark (over one seed or
+several), ``report`` a comparison's results block (into a README).
 
 Every argument is checked (names, numbers, the output folder, the backend on this machine) before
 any data or model is loaded. Every failure, then or later (bad data, a corrupt checkpoint, a
@@ -40,14 +41,17 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--clip-grad", "clip_grad", {"type": float, "help": "gradient-norm clipping (0: off)"}),
     ("--train-mask", "train_mask", {"help": "classes in the training loss: task, seen or all (default: per method)"}),
     ("--pool-size", "pool_size", {"type": int, "help": "L2P: prompts in the pool (M)"}),
-    ("--top-k", "top_k", {"type": int, "help": "L2P: prompts chosen per input (K)"}),
+    ("--top-k", "top_k", {"type": int, "help": "L2P/DualPrompt: prompts chosen per input (K; default l2p 5, "
+                                               "dualprompt 1)"}),
     ("--prompt-length", "prompt_length", {"type": int, "help": "L2P: tokens per prompt (Lp)"}),
     ("--pull-lambda", "pull_lambda", {"type": float, "help": "L2P: weight λ of the pull constraint"}),
-    ("--batchwise-prompt", "batchwise_prompt", {"action": "store_true", "default": None,
-                                                "help": "L2P: batch-wise prompt vote"}),
-    ("--prompt-mask", "use_prompt_mask", {"action": "store_true", "default": None,
-                                          "help": "L2P: train task t on prompts t·K … t·K+K−1"}),
-    ("--head-type", "head_type", {"help": "L2P: token, prompt, token+prompt or gap"}),
+    ("--batchwise-prompt", "batchwise_prompt", {"action": argparse.BooleanOptionalAction, "default": None,
+                                                "help": "L2P: batch-wise prompt vote (default: off; dualprompt on)"}),
+    ("--prompt-mask", "use_prompt_mask", {"action": argparse.BooleanOptionalAction, "default": None,
+                                          "help": "L2P: train task t on prompts t·K … t·K+K−1 (default: off; "
+                                                  "dualprompt on)"}),
+    ("--head-type", "head_type", {"help": "L2P: token, prompt, token+prompt or gap (default prompt); dualprompt: "
+                                          "token (default) or gap"}),
     ("--backend", "backend", {"help": "prompt-pool backend: auto, reference, cpu, cuda, triton"}),
     ("--ewc-lambda", "ewc_lambda", {"type": float}),
     ("--fisher-samples", "fisher_samples", {"type": int}),
@@ -66,6 +70,9 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+DEFAULT_METHODS = "l2p,seq,seq-frozen,ewc,er,joint"
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors (its sub-commands' too) read ``l2p-fast: error: ...``."""
 
@@ -79,25 +86,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="l2p-fast", description="Learning to Prompt: continual-learning runs")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one method; writes OUTPUT/results.json and plots")
-    train.add_argument("--method", required=True, help="l2p, l2p+er, seq, seq-frozen, ewc, er or joint")
+    train.add_argument("--method", required=True, help="l2p, l2p+er, dualprompt, seq, seq-frozen, ewc, er or joint")
     compare = commands.add_parser("compare", help="train several methods; prints a table, writes plots")
-    compare.add_argument("--methods", default="l2p,seq,seq-frozen,ewc,er,joint",
-                         help="comma-separated methods (default: l2p,seq,seq-frozen,ewc,er,joint)")
+    compare.add_argument("--methods", default=None,
+                         help=f"comma-separated methods (default: the --config file's, else {DEFAULT_METHODS})")
+    compare.add_argument("--seeds", default=None,
+                         help="comma-separated seeds, e.g. 0,1,2: each method once per seed into OUTPUT/seed<N>/, "
+                              "the table shows mean ± std (the class order stays fixed; vary it with "
+                              "--class-order-seed)")
+    report = commands.add_parser("report", help="print the results block of a comparison.json; --readme puts it "
+                                                "into a README")
+    report.add_argument("comparison", help="a comparison.json written by compare")
+    report.add_argument("--readme", default=None, help="replace the results block of this Markdown file")
+    report.add_argument("--check", action="store_true", help="with --readme: fail when its block differs")
     for sub in (train, compare):
         sub.add_argument("--output", required=True, help="folder for results, checkpoints and plots")
+        sub.add_argument("--config", dest="settings", default=None,
+                         help="JSON settings file: shared and per-method config fields (recipes/, sweeps/); "
+                              "flags given here override it")
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         for flag, dest, options in OPTIONS:
             sub.add_argument(flag, dest=dest, **{"default": None, **options})
     return parser
 
 
-def config_from_args(args: argparse.Namespace, method: str) -> Any:
-    """A :class:`RunConfig` from parsed arguments (unset flags keep the defaults)."""
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields set by flags on the command line."""
     from .continual.config import RunConfig
 
     names = {f.name for f in fields(RunConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return RunConfig(**{**values, "method": method})
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def config_from_args(args: argparse.Namespace, method: str, base: dict[str, Any] | None = None) -> Any:
+    """A :class:`RunConfig` from parsed arguments over ``base`` fields (unset flags keep them, or the defaults)."""
+    from .continual.config import RunConfig
+
+    return RunConfig(**{**(base or {}), **flag_values(args), "method": method})
+
+
+def run_report(args: argparse.Namespace) -> None:
+    """``l2p-fast report``: print the results block, or write / check it in a README."""
+    from pathlib import Path
+
+    from .continual.output import write_bytes_atomic
+    from .continual.readme_table import current_block, load_comparison, replace_block, results_block
+
+    block = results_block(load_comparison(args.comparison))
+    if args.readme is None:
+        if args.check:
+            raise ValueError("check: --check needs --readme")
+        print(block)
+        return
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if args.check:
+        if current_block(text, str(readme)) != block:
+            raise ValueError(f"readme: the results block of {readme} differs from what {args.comparison} gives; "
+                             f"run: l2p-fast report {args.comparison} --readme {readme}")
+        print(f"{readme}: results block up to date")
+        return
+    write_bytes_atomic(readme, replace_block(text, block, str(readme)).encode())
+    print(f"{readme}: results block regenerated from {args.comparison}")
 
 
 def error_line(error: BaseException) -> str:
@@ -116,25 +166,42 @@ def run_command(args: argparse.Namespace) -> None:
     from .continual.config import resolve
     from .continual.output import ensure_writable_dir
     from .continual.preflight import check_backend, pick_device
-    from .continual.report import comparison_table, write_run_plots
+    from .continual.report import comparison_table, diagnostics_table, write_run_plots
+    from .continual.seeds import parse_seeds
+    from .continual.settings import load_settings
     from .continual.trainer import Trainer
 
+    if args.command == "report":
+        run_report(args)
+        return
+    settings = load_settings(args.settings) if args.settings else {"config": {}, "methods": {}}
     if args.command == "train":
-        config = resolve(config_from_args(args, args.method))
+        base = {**settings["config"], **settings["methods"].get(args.method, {})}
+        config = resolve(config_from_args(args, args.method, base))
         ensure_writable_dir(args.output, "output")
         results = Trainer(config, args.output, resume=args.resume).run()
         write_run_plots(results, args.output)
         print(comparison_table([results]))
         return
-    methods = parse_methods(args.methods)
-    config = config_from_args(args, methods[0])
+    methods = parse_methods(args.methods or ",".join(settings["methods"]) or DEFAULT_METHODS)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if seeds is not None and args.seed is not None:
+        raise ValueError(f"seed: give --seed or --seeds, not both (got --seed {args.seed} and --seeds {args.seeds})")
+    config = config_from_args(args, methods[0], settings["config"])
+    explicit = flag_values(args)  # flags win over the file's per-method fields
+    own = {name: {k: v for k, v in settings["methods"].get(name, {}).items() if k not in explicit} for name in methods}
     for name in methods:
-        resolved = resolve(config_from_args(args, name))
+        resolved = resolve(config_from_args(args, name, {**settings["config"], **own[name]}))
         check_backend(resolved, pick_device(resolved.device))
     ensure_writable_dir(args.output, "output")
-    results = compare(methods, config, args.output, resume=args.resume)
+    results = compare(methods, config, args.output, seeds=seeds, method_settings=own, resume=args.resume,
+                      settings_file=args.settings)
     print()
     print(comparison_table(results))
+    diagnostics = diagnostics_table(results)
+    if diagnostics:
+        print()
+        print(diagnostics)
     print(f"\nresults, plots and checkpoints in {args.output}")
 
 

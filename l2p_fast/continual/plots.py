@@ -5,6 +5,10 @@
   run, or the average-accuracy curve of each method for several.
 * :func:`plot_prompt_usage` — how often each prompt is selected per task (the L2P paper's
   prompt-selection histogram), normalised per task.
+* :func:`plot_accuracy_spread` — several seeds per method: the mean average-accuracy curve, a ± std band and
+  each seed's curve.
+* :func:`plot_selection` — the prompt methods' selection diagnostics over seeds: selection accuracy (or usage
+  entropy) per task, and the key–query cosine over training.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from matplotlib.figure import Figure
 
 from .metrics import as_accuracy_matrix, average_accuracy_curve
 
-__all__ = ["plot_accuracy_matrix", "plot_prompt_usage", "plot_task_accuracy", "prompt_usage_frequencies"]
+__all__ = [
+    "plot_accuracy_matrix",
+    "plot_accuracy_spread",
+    "plot_prompt_usage",
+    "plot_selection",
+    "plot_task_accuracy",
+    "prompt_usage_frequencies",
+]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -168,4 +179,97 @@ def plot_prompt_usage(
         if num_prompts <= 30:
             ax.set_xticks(range(num_prompts))
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def _reference_lines(ax: Any, reference: Mapping[str, float] | None) -> None:
+    for label, value in (reference or {}).items():
+        ax.axhline(float(value), linestyle="--", color="grey", linewidth=1.2)
+        ax.annotate(f"{label} {float(value):.1f}", (1.0, float(value)), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=8, color="grey")
+
+
+def plot_accuracy_spread(
+    runs: Mapping[str, Sequence[Any]],
+    path: str | Path,
+    title: str = "Average accuracy on the tasks seen so far (mean ± std over seeds)",
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """``runs`` ``{method: [accuracy matrix of each seed]}``: per method the mean average-accuracy curve, a
+    band of ± one sample std (two seeds or more) and each seed's curve, thin; ``reference`` as in
+    :func:`plot_task_accuracy`."""
+    if not runs:
+        raise ValueError("runs is an empty mapping: need at least one method")
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for method, matrices in runs.items():
+        if not matrices:
+            raise ValueError(f"runs[{method!r}] is empty: need at least one accuracy matrix")
+        curves = np.array([average_accuracy_curve(m) for m in matrices])
+        steps = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(axis=0)
+        std = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+        label = f"{method} (final {mean[-1]:.1f}" + (f" ± {std[-1]:.1f})" if len(curves) > 1 else ")")
+        (line,) = ax.plot(steps, mean, marker="o", label=label)
+        if len(curves) > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            for curve in curves:
+                ax.plot(steps, curve, color=line.get_color(), linewidth=0.6, alpha=0.5)
+    _reference_lines(ax, reference)
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.set_ylim(0, 100)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_selection(
+    diagnostics: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    title: str = "Prompt selection (mean ± std over seeds)",
+) -> Path:
+    """``diagnostics`` ``{method: [selection diagnostics of each seed]}`` (:mod:`.diagnostics`). Left: the
+    selection accuracy per task (usage entropy when there is no task mask) as bars with ± std; right: the
+    key–query cosine per epoch over the whole run (tasks one after the other)."""
+    if not diagnostics:
+        raise ValueError("diagnostics is an empty mapping: need at least one method")
+    fig = _new_figure(11.0, 4.2)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    width = 0.8 / len(diagnostics)
+    for j, (method, runs) in enumerate(diagnostics.items()):
+        key = "selection_accuracy_per_task" if runs[0].get("selection_accuracy_per_task") else "usage_entropy_per_task"
+        rows = np.array([[np.nan if v is None else v for v in run.get(key) or []] for run in runs], dtype=float)
+        if rows.size:
+            x = np.arange(rows.shape[1])
+            scale = 1.0 if key.startswith("selection") else 100.0
+            columns = [col[~np.isnan(col)] for col in rows.T]  # a task without a figure (None) is left out
+            mean = np.array([col.mean() if len(col) else 0.0 for col in columns]) * scale
+            err = np.array([col.std(ddof=1) if len(col) > 1 else 0.0 for col in columns]) * scale
+            what = "selection accuracy" if scale == 1.0 else "usage entropy x 100"
+            left.bar(x - 0.4 + (j + 0.5) * width, mean, width=width, yerr=err if len(rows) > 1 else None, capsize=2,
+                     label=f"{method}: {what}")
+        sims = [np.concatenate([np.asarray(e, dtype=float) for e in run["key_query_similarity_per_epoch"]])
+                for run in runs if run.get("key_query_similarity_per_epoch")]
+        if sims:
+            curves = np.array(sims)
+            steps = np.arange(1, curves.shape[1] + 1)
+            (line,) = right.plot(steps, curves.mean(axis=0), marker=".", label=method)
+            if len(curves) > 1:
+                std = curves.std(axis=0, ddof=1)
+                right.fill_between(steps, curves.mean(axis=0) - std, curves.mean(axis=0) + std,
+                                   color=line.get_color(), alpha=0.15)
+    left.set_xlabel("task")
+    left.set_ylabel("% of the task's test selections")
+    left.set_ylim(0, 100)
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.legend(fontsize=8)
+    right.set_xlabel("epoch (all tasks in order)")
+    right.set_ylabel("mean key–query cosine")
+    right.grid(alpha=0.3)
+    if right.lines:
+        right.legend(fontsize=8)
+    fig.suptitle(title)
     return _save(fig, path)

@@ -91,6 +91,7 @@ def test_table_and_run_plots(tmp_path):
         "prompt_counts_test": [[3, 0, 1], [0, 4, 0]],
     }
     table = comparison_table([results, {**results, "method": "joint", "forgetting": None}])
-    assert "| l2p | 50.00 | 12.50 | 1,234 | 10.0 | 3 |" in table and "| joint | 50.00 | – |" in table
+    # seeds, average accuracy, forgetting, learning accuracy (mean of the diagonal 90, 60), params, ex/s, seconds
+    assert "| l2p | 1 | 50.00 | 12.50 | 75.00 | 1,234 | 10.0 | 3 |" in table and "| joint | 1 | 50.00 | – | – |" in table
     written = write_run_plots(results, tmp_path)
     assert sorted(p.name for p in written) == ["accuracy_matrix.png", "prompt_usage.png", "task_accuracy.png"]
