@@ -15,11 +15,18 @@ TORCH_LIBRARY(l2p_fast, m) {
   // Fused prompt pool (docs/behaviour.md §4), kernels in csrc/cpu/pool.cpp and csrc/cuda/pool.cu.
   // mode: 0 mean, 1 max, 2 max + 2 * mean, 3 cls_features. Returns (prompted (B, K*Lp+N, D),
   // x_embed_norm, prompt_norm, similarity, idx (B, K) int64, selected_key, reduce_sim, and for the
-  // backward: argmax (B, D) int32 or (0,), q_sumsq (B,), k_sumsq (M,)).
+  // backward: argmax (B, D) int32 or (0,), q_sumsq (B,), k_sumsq (M,)). frequency (M,): the diversified
+  // selection's frequencies (docs/behaviour.md §8); vote_counts (M,) int: the batch vote picks its winners from
+  // these counts instead of its own (the global vote, §9).
   m.def(
       "pool_forward(Tensor x_embed, Tensor? cls_features, Tensor prompt, Tensor keys, Tensor? prompt_mask, "
-      "int mode, int top_k, bool batchwise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor)");
+      "int mode, int top_k, bool batchwise, Tensor? frequency=None, Tensor? vote_counts=None) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The local half of the global vote (docs/behaviour.md §9): counts (M,) int64 of the rows holding each prompt
+  // among their top-K (diversified when frequency is given). Not differentiable.
+  m.def(
+      "pool_vote_counts(Tensor x_embed, Tensor? cls_features, Tensor keys, Tensor? frequency, int mode, "
+      "int top_k) -> Tensor");
   // Gradients (x_embed, cls_features, prompt, keys) of pool_forward; (0,)-shaped where not needed.
   // A missing gradient of x_embed_norm, prompt_norm, similarity or selected_key means zero (an output
   // the loss does not use): its terms are skipped instead of summing a tensor of zeros.

@@ -5,8 +5,10 @@ token slice of the output while reducing them to the query — normalises the qu
 scores (B, M) in the compute dtype (fp32, or fp64 for fp64 inputs), picks the top-K by a rank count
 (rank(m) = #{j: s_j > s_m or (s_j == s_m and j < m)}; selected iff rank < K, slot = rank: the lower
 id wins ties) and, in per-sample mode, gathers the selected prompts into the output in the same
-launch. With the batch vote, ``vote_gather_kernel`` counts the per-row top-K ids over the M ids,
-ranks the counts the same way (more votes first, lower id first) and gathers. No host sync, fixed
+launch. With the batch vote, ``vote_gather_kernel`` counts the per-row top-K ids over the M ids (or
+reads the counts given: the global vote, docs/behaviour.md §9), ranks the counts the same way (more
+votes first, lower id first) and gathers. With frequencies (the diversified selection, §8) the rank
+count compares the penalised score −max(1 − s, 0)·h first, then the similarity. No host sync, fixed
 output shapes. Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
 """
 
@@ -28,9 +30,9 @@ def inv_norm(sumsq):
 @triton.jit
 def _copy_tokens_and_reduce(
     x_row, sxn, sxd, out_row, cls_row, scd, q_row, argmax_row, N, D,
-    QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr,
+    QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr, COPY: tl.constexpr,
 ):
-    """Copy x (N, D) into out (N, D) and write the raw query (D,) to q_row; return Σ q²."""
+    """Copy x (N, D) into out (N, D) (if COPY) and write the raw query (D,) to q_row; return Σ q²."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     qss = tl.zeros((BLOCK_D,), dtype=CT)
@@ -44,7 +46,8 @@ def _copy_tokens_and_reduce(
             n = n0 + offs_n
             mask = (n < N)[:, None] & dmask[None, :]
             tile = tl.load(x_row + n[:, None] * sxn + d[None, :] * sxd, mask=mask, other=0.0)
-            tl.store(out_row + n[:, None] * D + d[None, :], tile.to(out_row.dtype.element_ty), mask=mask)
+            if COPY:
+                tl.store(out_row + n[:, None] * D + d[None, :], tile.to(out_row.dtype.element_ty), mask=mask)
             if QUERY != 3:
                 tf = tile.to(CT)
                 if QUERY != 1:
@@ -81,17 +84,22 @@ def _copy_tokens_and_reduce(
 
 
 @triton.jit
-def _rank_select(score_row, idx_row, M, K, BLOCK_M: tl.constexpr):
+def _rank_select(score_row, freq_ptr, idx_row, M, K, BLOCK_M: tl.constexpr, HAS_FREQ: tl.constexpr):
     """idx_row[rank(m)] = m for every m of rank < K, rank by descending score, ties → lower id.
 
     NaN ranks above every number (the order of torch.topk / torch.sort(descending=True)), NaNs among
     themselves by id, so the ranks are a permutation of 0…M−1 and every slot of idx_row is written.
+    HAS_FREQ (the diversified selection): the penalised score p = −max(1 − s, 0)·freq ranks first (NaN
+    first, NaNs by id), equal p by the score as above.
     """
     offs = tl.arange(0, BLOCK_M)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs
         mmask = m < M
         s_m = tl.load(score_row + m, mask=mmask, other=0)
+        if HAS_FREQ:
+            dist_m = 1.0 - s_m
+            p_m = -(tl.where(dist_m < 0, 0.0, dist_m) * tl.load(freq_ptr + m, mask=mmask, other=0))
         rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for j0 in range(0, M, BLOCK_M):
             j = j0 + offs
@@ -101,6 +109,13 @@ def _rank_select(score_row, idx_row, M, K, BLOCK_M: tl.constexpr):
             lower = j[None, :] < m[:, None]
             numbers = (s_j[None, :] > s_m[:, None]) | ((s_j[None, :] == s_m[:, None]) & lower)
             beats = tl.where(j_nan | m_nan, j_nan & (~m_nan | lower), numbers)
+            if HAS_FREQ:
+                dist_j = 1.0 - s_j
+                p_j = -(tl.where(dist_j < 0, 0.0, dist_j) * tl.load(freq_ptr + j, mask=j < M, other=0))
+                pj_nan = (p_j != p_j)[None, :]
+                pm_nan = (p_m != p_m)[:, None]
+                by_p = tl.where(p_j[None, :] == p_m[:, None], beats, p_j[None, :] > p_m[:, None])
+                beats = tl.where(pj_nan | pm_nan, pj_nan & (~pm_nan | lower), by_p)
             beats = beats & (j < M)[None, :]
             rank += tl.sum(beats.to(tl.int32), 1)
         tl.store(idx_row + rank, m.to(tl.int64), mask=mmask & (rank < K))
@@ -156,14 +171,16 @@ def _gather_row(
 
 @triton.jit
 def select_kernel(
-    x_ptr, sxb, sxn, sxd, cls_ptr, scb, scd, prompt_ptr, keys_ptr, skm, skd, mask_ptr, smb, smk,
+    x_ptr, sxb, sxn, sxd, cls_ptr, scb, scd, prompt_ptr, keys_ptr, skm, skd, mask_ptr, smb, smk, freq_ptr,
     idx_ptr, pnorm_ptr, xn_ptr, sim_ptr, sel_ptr, pull_ptr, out_ptr, kss_ptr, qss_ptr, argmax_ptr,
     N, D, M, K, LP,
-    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, GATHER: tl.constexpr,
+    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, GATHER: tl.constexpr, SELECT: tl.constexpr, COPY: tl.constexpr,
+    HAS_FREQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Program b: tokens → out and query; normalise; similarity row; top-K (or mask) → idx; gather if GATHER.
+    """Program b: tokens → out (if COPY) and query; normalise; similarity row; top-K (if SELECT; diversified by
+    freq_ptr (M,) if HAS_FREQ) or mask → idx; gather if GATHER.
 
     QUERY: 0 mean, 1 max, 2 max + 2·mean, 3 cls_features. idx_ptr (B, K) gets the per-row top-K
     (the batch vote then overwrites it in ``vote_gather_kernel``). pull_ptr (B,): Σ_k ⟨key, xn⟩.
@@ -177,7 +194,7 @@ def select_kernel(
     xn_row = xn_ptr + b * D
     qss = _copy_tokens_and_reduce(
         x_ptr + b * sxb, sxn, sxd, out_row + K * LPD, cls_ptr + b * scb, scd, xn_row, argmax_ptr + b * D, N, D,
-        QUERY, BLOCK_N, BLOCK_D, CT,
+        QUERY, BLOCK_N, BLOCK_D, CT, COPY,
     )
     tl.store(qss_ptr + b, qss)
     rq = inv_norm(qss)
@@ -229,9 +246,9 @@ def select_kernel(
             ids = tl.load(mask_ptr + b * smb + kk * smk, mask=kk < K, other=0).to(tl.int64)
             ids = tl.minimum(tl.maximum(ids, 0), M - 1)  # out-of-range ids are clamped, as in every backend
             tl.store(idx_row + kk, ids, mask=kk < K)
-    else:
+    elif SELECT:
         tl.debug_barrier()
-        _rank_select(sim_ptr + b * M, idx_row, M, K, BLOCK_M)
+        _rank_select(sim_ptr + b * M, freq_ptr, idx_row, M, K, BLOCK_M, HAS_FREQ)
     if GATHER:
         tl.debug_barrier()
         pull = _gather_row(
@@ -245,31 +262,36 @@ def select_kernel(
 def vote_gather_kernel(
     top_ptr, counts_ptr, idx_ptr, prompt_ptr, keys_ptr, skm, skd, xn_ptr, sel_ptr, pull_ptr, out_ptr,
     B, N, D, M, K, LP,
+    HAS_COUNTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """Program b: count the per-row top-K ids top (B, K) over M ids, rank them, gather row b.
 
     counts_ptr (B, M) int32 is private scratch (row b belongs to program b), so every program
-    derives the same winners with no cross-program communication.
+    derives the same winners with no cross-program communication. HAS_COUNTS: counts_ptr holds the
+    counts (M,) to rank (the global vote's all-reduced counts); top_ptr is not read.
     """
     CT: tl.constexpr = xn_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    counts_row = counts_ptr + b * M
-    total = B * K
-    for m0 in range(0, M, BLOCK_M):
-        m = m0 + offs_m
-        c = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for r0 in range(0, total, BLOCK_R):
-            r = r0 + offs_r
-            ids = tl.load(top_ptr + r, mask=r < total, other=-1)
-            c += tl.sum((ids[None, :] == m[:, None]).to(tl.int32), 1)
-        tl.store(counts_row + m, c, mask=m < M)
-    tl.debug_barrier()
+    if HAS_COUNTS:
+        counts_row = counts_ptr
+    else:
+        counts_row = counts_ptr + b * M
+        total = B * K
+        for m0 in range(0, M, BLOCK_M):
+            m = m0 + offs_m
+            c = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for r0 in range(0, total, BLOCK_R):
+                r = r0 + offs_r
+                ids = tl.load(top_ptr + r, mask=r < total, other=-1)
+                c += tl.sum((ids[None, :] == m[:, None]).to(tl.int32), 1)
+            tl.store(counts_row + m, c, mask=m < M)
+        tl.debug_barrier()
     idx_row = idx_ptr + b * K
-    _rank_select(counts_row, idx_row, M, K, BLOCK_M)
+    _rank_select(counts_row, counts_row, idx_row, M, K, BLOCK_M, False)
     tl.debug_barrier()
     T = K * LP + N
     pull = _gather_row(

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .validation import validate_config, validate_forward
+from .validation import validate_config, validate_forward, validate_frequency, validate_vote_group
 
 OUTPUT_ORDER = (
     "prompt_idx",
@@ -46,6 +46,12 @@ class FusedPromptPool(nn.Module):
     zero vs ``None`` gradients of unreached inputs) is documented in ``l2p_fast/ops/pool.py``. Prompt
     ids out of range raise in eager mode on CPU tensors and are clamped to [0, M − 1] elsewhere
     (``l2p_fast/validation.py``).
+
+    Additions beyond the port (docs/behaviour.md §8–10): ``prompt_frequency`` (a non-persistent (M,)
+    buffer, None by default) diversifies the selection in training mode (the L2P paper's equation 4);
+    ``vote_group`` (None: per-rank vote; a ``torch.distributed`` ProcessGroup or ``"world"``) all-reduces
+    the batch vote's counts so every rank picks the global batch's prompts; ``share_previous_task``
+    copies the previous task's prompt slots (and keys) into the next task's.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class FusedPromptPool(nn.Module):
         prompt_key_init: str = "uniform",
         *,
         backend: str = "auto",
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         validate_config(
@@ -92,6 +99,47 @@ class FusedPromptPool(nn.Module):
             self.prompt_key = _init_parameter((pool_size, embed_dim), prompt_key_init)
         else:
             self.register_parameter("prompt_key", None)
+        self.register_buffer("prompt_frequency", None, persistent=False)  # (M,): §8, training mode only
+        self.vote_group = vote_group
+
+    @property
+    def vote_group(self) -> object:
+        """Where the batch vote counts (docs/behaviour.md §9): None, per rank; a ProcessGroup or ``"world"``:
+        the counts are all-reduced (SUM) over that group before the pick. Settable after construction."""
+        return self._vote_group
+
+    @vote_group.setter
+    def vote_group(self, group: object) -> None:
+        validate_vote_group(group)
+        self._vote_group = group
+
+    def set_prompt_frequency(self, frequency: Tensor | None) -> None:
+        """Selection frequencies (M,) of the previous tasks, or None (docs/behaviour.md §8): in training mode the
+        selection minimises the query–key cosine distance weighted by them (only their ratios matter)."""
+        if frequency is not None:
+            validate_frequency(frequency, self.pool_size if self.prompt_pool else None, self.prompt.device)
+            frequency = frequency.detach().to(torch.float32)
+        self.prompt_frequency = frequency
+
+    @torch.no_grad()
+    def share_previous_task(self, task: int, *, prompts: bool = True, keys: bool = False) -> None:
+        """The port's ``shared_prompt_pool`` / ``shared_prompt_key`` (docs/behaviour.md §10): copy the prompt slots
+        (and / or the keys) of task ``task`` − 1, ids (t−1)·K … t·K−1, into those of task t, t·K … (t+1)·K−1.
+
+        A no-op for task 0, outside pool mode and where task t's slots pass M (as the task mask then
+        gives way to selection). ``keys`` needs learnable keys (``prompt_key=True``)."""
+        if not isinstance(task, int) or isinstance(task, bool) or task < 0:
+            raise ValueError(f"task: expected an int >= 0, got {task!r}")
+        if keys and self.prompt_key is None:
+            raise ValueError("keys: expected prompt_key=True (learnable keys) to share keys, got prompt_key=False")
+        if task == 0 or not self.prompt_pool or (task + 1) * self.top_k > self.pool_size:
+            return
+        k = self.top_k
+        previous, current = slice((task - 1) * k, task * k), slice(task * k, (task + 1) * k)
+        if prompts:
+            self.prompt[current] = self.prompt[previous]
+        if keys:
+            self.prompt_key[current] = self.prompt_key[previous]
 
     def keys(self) -> Tensor:
         """The keys (M, D): the learnable ``prompt_key``, or the mean of each prompt's Lp tokens."""
@@ -106,7 +154,11 @@ class FusedPromptPool(nn.Module):
     def forward(
         self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
     ) -> dict[str, Tensor | int]:
-        """x_embed (B, N, D) → dict of docs/behaviour.md §4.5; ``prompted_embedding`` is (B, K·Lp + N, D)."""
+        """x_embed (B, N, D) → dict of docs/behaviour.md §4.5; ``prompted_embedding`` is (B, K·Lp + N, D).
+
+        In training mode ``prompt_frequency`` (when set) diversifies the selection (§8); with ``vote_group``
+        and the batch vote, the counts are all-reduced before the pick (§9): every rank of the group must
+        then call forward the same number of times with the same batchwise / mask setting."""
         prompt = self.prompt  # each parameter read once: nn.Module.__getattr__ costs ~1 µs a lookup
         validate_forward(
             x_embed,
@@ -120,18 +172,38 @@ class FusedPromptPool(nn.Module):
         if not self.prompt_pool:
             prepend = dispatch.implementation("prepend", self.backend, x_embed.device.type)
             return {"total_prompt_len": self.length, "prompted_embedding": prepend(prompt, x_embed)}
+        keys = self.keys()
+        frequency = self.prompt_frequency if self.training and prompt_mask is None else None
+        selection = {} if frequency is None else {"frequency": frequency}
+        if self._vote_group is not None and self.batchwise_prompt and prompt_mask is None:
+            selection["vote_counts"] = self._global_vote_counts(x_embed, keys, cls_features, frequency)
         out = dispatch.implementation("pool_forward", self.backend, x_embed.device.type)(
             x_embed,
             prompt,
-            self.keys(),
+            keys,
             embedding_key=self.embedding_key,
             top_k=self.top_k,
             batchwise=self.batchwise_prompt,
             cls_features=cls_features,
             prompt_mask=prompt_mask,
+            **selection,
         )
         out["total_prompt_len"] = out["prompt_idx"].shape[1] * self.length
         return {key: out[key] for key in OUTPUT_ORDER}
+
+    def _global_vote_counts(
+        self, x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None
+    ) -> Tensor:
+        """The vote counts (M,) int64 of this rank's rows, all-reduced (SUM) over ``vote_group``: one op before
+        the collective (``pool_vote_counts``), a functional collective (traceable, no host sync)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        counts = dispatch.implementation("pool_vote_counts", self.backend, x_embed.device.type)(
+            x_embed, keys, embedding_key=self.embedding_key, top_k=self.top_k, cls_features=cls_features,
+            frequency=frequency,
+        )
+        group = torch.distributed.group.WORLD if isinstance(self._vote_group, str) else self._vote_group
+        return funcol.all_reduce(counts, "sum", group)
 
     def extra_repr(self) -> str:
         return (

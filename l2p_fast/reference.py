@@ -49,10 +49,38 @@ def score(q: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x_embed_norm, prompt_norm, x_embed_norm @ prompt_norm.t()
 
 
-def top_k_ids(similarity: Tensor, top_k: int) -> Tensor:
-    """Per-row top-K ids (B, K) by descending similarity; equal values → lower id first."""
+def penalised_score(similarity: Tensor, frequency: Tensor) -> Tensor:
+    """Diversified selection's score (docs/behaviour.md §8): ``-max(1 − similarity, 0) · frequency``.
+
+    similarity (B, M), frequency (M,) → (B, M): the paper's cosine distance weighted by each prompt's
+    selection frequency, negated so that larger ranks first. A NaN similarity gives NaN (clamp_min keeps it).
+    """
+    distance = (1 - similarity).clamp_min(0)
+    return -(distance * frequency.to(similarity.dtype))
+
+
+def top_k_ids(similarity: Tensor, top_k: int, frequency: Tensor | None = None) -> Tensor:
+    """Per-row top-K ids (B, K) by descending similarity; equal values → lower id first.
+
+    With ``frequency`` (M,) (the diversified selection, §8) the order is by ``penalised_score`` first,
+    then by similarity, then by id: zero frequencies give the plain order."""
     order = torch.sort(similarity, dim=1, descending=True, stable=True).indices
+    if frequency is not None:
+        penalised = penalised_score(similarity, frequency).gather(1, order)
+        order = order.gather(1, torch.sort(penalised, dim=1, descending=True, stable=True).indices)
     return order[:, :top_k]
+
+
+def vote_counts(idx: Tensor, pool_size: int) -> Tensor:
+    """counts (M,) int64: how many rows of idx (B, K) hold each prompt id (a fixed-size count, no sync)."""
+    counts = torch.zeros(pool_size, dtype=torch.int64, device=idx.device)
+    return counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+
+
+def vote_winners(counts: Tensor, batch: int, top_k: int) -> Tensor:
+    """The K ids with the most votes (count descending, equal counts → lower id first), for every row (B, K)."""
+    winners = torch.sort(counts, descending=True, stable=True).indices[:top_k]
+    return winners.unsqueeze(0).expand(batch, top_k)
 
 
 def batch_vote(idx: Tensor, pool_size: int, top_k: int) -> Tensor:
@@ -61,21 +89,26 @@ def batch_vote(idx: Tensor, pool_size: int, top_k: int) -> Tensor:
     Counts how many rows hold each id in their top-K (a fixed-size count over M ids, no sync);
     winners ordered by count descending, equal counts → lower id first.
     """
-    counts = torch.zeros(pool_size, dtype=torch.int64, device=idx.device)
-    counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
-    winners = torch.sort(counts, descending=True, stable=True).indices[:top_k]
-    return winners.unsqueeze(0).expand(idx.shape[0], top_k)
+    return vote_winners(vote_counts(idx, pool_size), idx.shape[0], top_k)
 
 
 def select(
-    similarity: Tensor, top_k: int, batchwise: bool, prompt_mask: Tensor | None
+    similarity: Tensor,
+    top_k: int,
+    batchwise: bool,
+    prompt_mask: Tensor | None,
+    frequency: Tensor | None = None,
+    counts: Tensor | None = None,
 ) -> Tensor:
-    """Prompt ids (B, K) per docs/behaviour.md §4.3.
+    """Prompt ids (B, K) per docs/behaviour.md §4.3, §8, §9.
 
-    The mask (clamped to [0, M − 1]) if given, else top-K (+ batch vote)."""
+    The mask (clamped to [0, M − 1]) if given, else top-K (diversified by ``frequency`` (M,) when given)
+    and, with ``batchwise``, the batch vote — on the given vote ``counts`` (M,) when given (the global vote)."""
     if prompt_mask is not None:
         return prompt_mask.to(torch.int64).clamp(0, similarity.shape[1] - 1)
-    idx = top_k_ids(similarity, top_k)
+    if batchwise and counts is not None:
+        return vote_winners(counts.to(torch.int64), similarity.shape[0], top_k)
+    idx = top_k_ids(similarity, top_k, frequency)
     if batchwise:
         idx = batch_vote(idx, similarity.shape[1], top_k)
     return idx
@@ -111,16 +144,20 @@ def pool_forward(
     batchwise: bool,
     cls_features: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    frequency: Tensor | None = None,
+    vote_counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The whole pool-mode forward (docs/behaviour.md §4): every tensor output of §4.5.
 
     x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), cls_features (B, D) or None,
-    prompt_mask (B, K') or None. Inputs are assumed validated (``l2p_fast.validation``).
+    prompt_mask (B, K') or None, frequency (M,) float or None (diversified selection, §8),
+    vote_counts (M,) int or None (the batch vote's counts, given: the global vote, §9).
+    Inputs are assumed validated (``l2p_fast.validation``).
     """
     dtype = compute_dtype(x_embed.dtype, keys.dtype)
     q = query(x_embed, embedding_key, cls_features, dtype)
     x_embed_norm, prompt_norm, similarity = score(q, keys)
-    idx = select(similarity, top_k, batchwise, prompt_mask)
+    idx = select(similarity, top_k, batchwise, prompt_mask, frequency, vote_counts)
     selected_key, reduce_sim = pull_term(prompt_norm, x_embed_norm, idx)
     return {
         "prompt_idx": idx,
@@ -131,6 +168,23 @@ def pool_forward(
         "reduce_sim": reduce_sim,
         "prompted_embedding": gather_prepend(prompt, idx, x_embed),
     }
+
+
+def pool_vote_counts(
+    x_embed: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    cls_features: Tensor | None = None,
+    frequency: Tensor | None = None,
+) -> Tensor:
+    """The local half of the global vote (§9): counts (M,) int64 of the rows of x_embed (B, N, D) holding
+    each prompt among their top-K (diversified by ``frequency`` (M,) when given). keys (M, D). No gradient."""
+    with torch.no_grad():
+        dtype = compute_dtype(x_embed.dtype, keys.dtype)
+        _, _, similarity = score(query(x_embed, embedding_key, cls_features, dtype), keys)
+        return vote_counts(top_k_ids(similarity, top_k, frequency), keys.shape[0])
 
 
 def assemble_reference(x: Tensor, prompt: Tensor, idx: Tensor, cls: Tensor, pos: Tensor | None) -> Tensor:

@@ -65,6 +65,15 @@ def validate_config(
         raise ValueError(f"top_k: expected 1 <= top_k <= pool_size={pool_size}, got {top_k}")
 
 
+def validate_vote_group(group: object) -> None:
+    """``vote_group`` (docs/behaviour.md §9): None (per-rank vote), ``"world"`` or a torch.distributed ProcessGroup."""
+    if group is None or group == "world":
+        return
+    process_group = getattr(getattr(torch, "distributed", None), "ProcessGroup", None)
+    if process_group is None or not isinstance(group, process_group):
+        raise ValueError(f"vote_group: expected None, 'world' or a torch.distributed ProcessGroup, got {group!r}")
+
+
 def _check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -147,12 +156,13 @@ def _require(ok: bool, message: str) -> None:
 
 def validate_pool_op(
     x_embed: Tensor, prompt: Tensor, keys: Tensor, cls_features: Tensor | None, prompt_mask: Tensor | None,
-    query_mode: int, top_k: int,
+    query_mode: int, top_k: int, frequency: Tensor | None = None, vote_counts: Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices of the fused pool op's arguments (no device sync).
 
     x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), cls_features (B, D) for query_mode 3,
-    prompt_mask (B, K') integer or None, 1 <= top_k <= M without a mask.
+    prompt_mask (B, K') integer or None, 1 <= top_k <= M without a mask, frequency (M,) float or None,
+    vote_counts (M,) integer or None.
     """
     _require(x_embed.dim() == 3, f"x_embed: expected (B, N, D), got shape {tuple(x_embed.shape)}")
     batch, tokens, width = x_embed.shape
@@ -180,6 +190,47 @@ def validate_pool_op(
     for name, t in (("prompt", prompt), ("keys", keys), ("cls_features", cls_features), ("prompt_mask", prompt_mask)):
         if t is not None:
             _require(t.device == x_embed.device, f"{name}: expected device {x_embed.device}, got {t.device}")
+    _check_selection_inputs(frequency, vote_counts, pool_size, x_embed.device)
+
+
+def _check_selection_inputs(
+    frequency: Tensor | None, vote_counts: Tensor | None, pool_size: int, device: torch.device
+) -> None:
+    """frequency (M,) float and vote_counts (M,) integer on ``device``, when given (shapes, dtypes, devices)."""
+    if frequency is not None:
+        if not isinstance(frequency, Tensor) or not frequency.is_floating_point():
+            got = getattr(frequency, "dtype", frequency)
+            raise TypeError(f"frequency: expected a floating-point tensor, got {got!r}")
+        _require(tuple(frequency.shape) == (pool_size,),
+                 f"frequency: expected shape (M,) = ({pool_size},), got {tuple(frequency.shape)}")
+        _require(frequency.device == device, f"frequency: expected device {device}, got {frequency.device}")
+    if vote_counts is not None:
+        integer = isinstance(vote_counts, Tensor) and not (
+            vote_counts.is_floating_point() or vote_counts.is_complex() or vote_counts.dtype == torch.bool
+        )
+        if not integer:
+            got = getattr(vote_counts, "dtype", vote_counts)
+            raise TypeError(f"vote_counts: expected an integer tensor, got {got!r}")
+        _require(tuple(vote_counts.shape) == (pool_size,),
+                 f"vote_counts: expected shape (M,) = ({pool_size},), got {tuple(vote_counts.shape)}")
+        _require(vote_counts.device == device, f"vote_counts: expected device {device}, got {vote_counts.device}")
+
+
+def validate_frequency(frequency: Tensor, pool_size: int | None, device: torch.device) -> None:
+    """The pool's ``prompt_frequency`` (docs/behaviour.md §8): a float (M,) tensor on ``device`` with finite values
+    >= 0. The values are checked in eager mode on CPU tensors only (as ``check_ids``: elsewhere a value check
+    would synchronise); elsewhere a negative or non-finite entry gives a selection this page leaves open."""
+    if pool_size is None:
+        raise ValueError("prompt_frequency: expected None in non-pool mode (prompt_pool=False), got a tensor")
+    _check_selection_inputs(frequency, None, pool_size, device)
+    if ids_unchecked(frequency):
+        return
+    bad = ~torch.isfinite(frequency) | (frequency < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"prompt_frequency: expected finite values >= 0, got {frequency[bad][:4].tolist()} at ids "
+            f"{bad.nonzero().flatten()[:4].tolist()}"
+        )
 
 
 def validate_prepend_op(prompt: Tensor, x_embed: Tensor) -> None:

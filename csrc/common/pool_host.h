@@ -25,6 +25,8 @@ struct ForwardArgs {
   at::Tensor prompt;  // (M, Lp, D) contiguous in the output dtype
   at::Tensor keys;    // (M, D) contiguous in acc dtype
   at::Tensor mask;    // (B, K) int64 contiguous, or undefined
+  at::Tensor freq;    // (M,) acc dtype contiguous: selection frequencies (diversified selection), or undefined
+  at::Tensor votes;   // (M,) int64 contiguous: vote counts given (the global vote), or undefined
   int64_t batch, tokens, width, pool, length, top_k, mode;
   bool batchwise;
   at::ScalarType acc_type, out_type;
@@ -46,10 +48,31 @@ struct ForwardOutputs {
   }
 };
 
+// frequency (M,) float and vote_counts (M,) integer: checked and converted into a (acc dtype, int64).
+inline void prepare_selection_inputs(ForwardArgs& a, const std::optional<at::Tensor>& frequency,
+                                     const std::optional<at::Tensor>& vote_counts, const at::Device& device) {
+  if (frequency.has_value()) {
+    TORCH_CHECK(frequency->is_floating_point() && frequency->dim() == 1 && frequency->size(0) == a.pool &&
+                    frequency->device() == device,
+                "pool_forward: frequency must be a float (M,) = (", a.pool, ",) tensor on ", device, ", got ",
+                frequency->scalar_type(), " of shape ", frequency->sizes(), " on ", frequency->device());
+    a.freq = frequency->to(a.acc_type).contiguous();
+  }
+  if (vote_counts.has_value()) {
+    TORCH_CHECK(!vote_counts->is_floating_point() && !vote_counts->is_complex() &&
+                    vote_counts->scalar_type() != at::kBool && vote_counts->dim() == 1 &&
+                    vote_counts->size(0) == a.pool && vote_counts->device() == device,
+                "pool_forward: vote_counts must be an integer (M,) = (", a.pool, ",) tensor on ", device, ", got ",
+                vote_counts->scalar_type(), " of shape ", vote_counts->sizes(), " on ", vote_counts->device());
+    a.votes = vote_counts->to(at::kLong).contiguous();
+  }
+}
+
 inline ForwardArgs prepare_forward(const at::Tensor& x, const std::optional<at::Tensor>& cls,
                                    const at::Tensor& prompt, const at::Tensor& keys,
                                    const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k,
-                                   bool batchwise) {
+                                   bool batchwise, const std::optional<at::Tensor>& frequency = std::nullopt,
+                                   const std::optional<at::Tensor>& vote_counts = std::nullopt) {
   TORCH_CHECK(x.dim() == 3 && x.is_floating_point(), "pool_forward: x_embed must be a float (B, N, D) tensor, got ",
               x.scalar_type(), " of shape ", x.sizes());
   TORCH_CHECK(x.size(0) >= 1 && x.size(1) >= 1, "pool_forward: x_embed needs B >= 1 and N >= 1, got ", x.sizes());
@@ -97,6 +120,49 @@ inline ForwardArgs prepare_forward(const at::Tensor& x, const std::optional<at::
   args.length = prompt.size(1);
   args.mode = mode;
   args.batchwise = batchwise && !mask.has_value();
+  prepare_selection_inputs(args, frequency, vote_counts, x.device());
+  if (!args.batchwise) args.votes = at::Tensor();  // counts pick the vote's winners only
+  return args;
+}
+
+// pool_vote_counts: the query, keys and selection inputs of pool_forward, without prompts (Lp = 0).
+inline ForwardArgs prepare_vote_counts(const at::Tensor& x, const std::optional<at::Tensor>& cls,
+                                       const at::Tensor& keys, const std::optional<at::Tensor>& frequency,
+                                       int64_t mode, int64_t top_k) {
+  TORCH_CHECK(x.dim() == 3 && x.is_floating_point() && x.size(0) >= 1 && x.size(1) >= 1,
+              "pool_vote_counts: x_embed must be a float (B, N, D) tensor with B, N >= 1, got ", x.scalar_type(),
+              " of shape ", x.sizes());
+  const int64_t batch = x.size(0), width = x.size(2);
+  TORCH_CHECK(keys.dim() == 2 && keys.is_floating_point() && keys.size(0) >= 1 && keys.size(1) == width &&
+                  keys.device() == x.device(),
+              "pool_vote_counts: keys must be a float (M, D) tensor with D = ", width, " on ", x.device(), ", got ",
+              keys.scalar_type(), " of shape ", keys.sizes(), " on ", keys.device());
+  TORCH_CHECK(mode >= 0 && mode <= kModeCls, "pool_vote_counts: mode must be in [0, 3], got ", mode);
+  TORCH_CHECK((mode == kModeCls) == cls.has_value(),
+              "pool_vote_counts: cls_features must be given exactly when mode == 3");
+  ForwardArgs args;
+  args.pool = keys.size(0);
+  TORCH_CHECK(top_k >= 1 && top_k <= args.pool, "pool_vote_counts: top_k must be in [1, M = ", args.pool, "], got ",
+              top_k);
+  args.acc_type = at::promote_types(at::promote_types(x.scalar_type(), keys.scalar_type()), at::kFloat);
+  args.out_type = x.scalar_type();
+  if (cls.has_value()) {
+    TORCH_CHECK(cls->is_floating_point() && cls->dim() == 2 && cls->size(0) == batch && cls->size(1) == width &&
+                    cls->device() == x.device(),
+                "pool_vote_counts: cls_features must be a float (B, D) = (", batch, ", ", width, ") tensor on ",
+                x.device(), ", got ", cls->scalar_type(), " of shape ", cls->sizes());
+    args.cls = cls->to(args.acc_type).contiguous();
+  }
+  args.x = x.contiguous();
+  args.keys = keys.to(args.acc_type).contiguous();
+  args.batch = batch;
+  args.tokens = x.size(1);
+  args.width = width;
+  args.length = 0;
+  args.top_k = top_k;
+  args.mode = mode;
+  args.batchwise = true;
+  prepare_selection_inputs(args, frequency, std::nullopt, x.device());
   return args;
 }
 

@@ -82,6 +82,27 @@ L2P_HD bool ranks_before(T a, int64_t id_a, T b, int64_t id_b) {
   return a > b || (a == b && id_a < id_b);
 }
 
+// Diversified selection (docs/behaviour.md §8, the L2P paper's equation 4): the penalised score of a prompt of
+// similarity s chosen with normalised frequency h in earlier tasks, -max(1 - s, 0) * h (the cosine distance
+// weighted by h, negated so that larger ranks first). NaN stays NaN (a NaN similarity still ranks first).
+template <typename T>
+L2P_HD T penalised_score(T s, T h) {
+  T distance = T(1) - s;
+  distance = distance < T(0) ? T(0) : distance;  // not fmax: a NaN distance must stay NaN
+  return -(distance * h);
+}
+
+// "Ranks before" of the diversified selection: penalised score first (descending, NaN first, NaNs by id),
+// then the similarity with the plain rule (so h = 0 everywhere is the plain selection), then the id.
+template <typename T>
+L2P_HD bool ranks_before_penalised(T s_a, T h_a, int64_t id_a, T s_b, T h_b, int64_t id_b) {
+  const T p_a = penalised_score(s_a, h_a), p_b = penalised_score(s_b, h_b);
+  if (p_a != p_a || p_b != p_b || p_a == p_b) {
+    return (p_a != p_a || p_b != p_b) ? ranks_before(p_a, id_a, p_b, id_b) : ranks_before(s_a, id_a, s_b, id_b);
+  }
+  return p_a > p_b;
+}
+
 // Whether v replaces the running maximum `best` of torch.max: NaN wins over every number and the first
 // NaN stays; otherwise only a strictly greater value replaces it (the first maximum wins).
 template <typename T>
@@ -100,6 +121,18 @@ L2P_HD int64_t descending_rank(const T* values, int64_t count, int64_t i) {
   const T v = values[i];
   for (int64_t j = 0; j < count; ++j) {
     rank += (j != i && ranks_before(values[j], j, v, i)) ? 1 : 0;
+  }
+  return rank;
+}
+
+// Position of prompt i in the selection order of a similarity row (count entries): the plain rule
+// (descending_rank) when freq is null, else the diversified rule with frequencies freq[0..count).
+template <typename T>
+L2P_HD int64_t selection_rank(const T* row, const T* freq, int64_t count, int64_t i) {
+  if (freq == nullptr) return descending_rank(row, count, i);
+  int64_t rank = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    rank += (j != i && ranks_before_penalised(row[j], freq[j], j, row[i], freq[i], i)) ? 1 : 0;
   }
   return rank;
 }

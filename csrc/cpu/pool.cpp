@@ -139,8 +139,9 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
   at::parallel_for(0, pool, grain_for(width), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) normalise(keys + m * width, kn + m * width, ks + m);
   });
-  const bool choose = !a.mask.defined();
-  if (!choose) {  // idx holds a copy of prompt_mask: out-of-range ids are clamped (math::clamp_id)
+  const bool choose = !a.mask.defined() && !a.votes.defined();  // given vote counts: no per-row top-K needed
+  const acc_t* freq = a.freq.defined() ? a.freq.data_ptr<acc_t>() : nullptr;
+  if (a.mask.defined()) {  // idx holds a copy of prompt_mask: out-of-range ids are clamped (math::clamp_id)
     for (int64_t i = 0; i < batch * top_k; ++i) idx[i] = math::clamp_id(idx[i], pool);
   }
   at::parallel_for(0, batch, grain_for(pool * width), [&](int64_t begin, int64_t end) {
@@ -150,14 +151,18 @@ void score_and_select(const ForwardArgs& a, ForwardOutputs& o, const acc_t* q) {
       for (int64_t m = 0; m < pool; ++m) row[m] = math::row_dot(xn + b * width, kn + m * width, width);
       if (!choose) continue;
       for (int64_t m = 0; m < pool; ++m) {
-        const int64_t rank = math::descending_rank(row, pool, m);
+        const int64_t rank = math::selection_rank(row, freq, pool, m);
         if (rank < top_k) idx[b * top_k + rank] = m;
       }
     }
   });
   if (a.batchwise) {
     std::vector<int64_t> counts(pool, 0), winners(top_k, 0);
-    for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+    if (a.votes.defined()) {
+      std::memcpy(counts.data(), a.votes.data_ptr<int64_t>(), pool * sizeof(int64_t));
+    } else {
+      for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+    }
     for (int64_t m = 0; m < pool; ++m) {
       const int64_t rank = math::descending_rank(counts.data(), pool, m);
       if (rank < top_k) winners[rank] = m;
@@ -216,11 +221,78 @@ void write_rows(const ForwardArgs& a, ForwardOutputs& o) {
   });
 }
 
+// The query of each row (modes 0-2) from its tokens, without copying them: the first half of the global vote.
+template <typename x_t, typename acc_t>
+void reduce_queries(const ForwardArgs& a, acc_t* q) {
+  const int64_t tokens = a.tokens, width = a.width, mode = a.mode;
+  const x_t* x = a.x.data_ptr<x_t>();
+  at::parallel_for(0, a.batch, grain_for(tokens * width), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(width), best(width);
+    std::vector<int32_t> arg(width);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(best.begin(), best.end(), -std::numeric_limits<acc_t>::infinity());
+      for (int64_t n = 0; n < tokens; ++n) {
+        reduce_token_in_mode<false>(mode, x + (b * tokens + n) * width, static_cast<x_t*>(nullptr), sum.data(),
+                                    best.data(), arg.data(), static_cast<int32_t>(n), width);
+      }
+      for (int64_t d = 0; d < width; ++d) q[b * width + d] = math::finish_query(mode, sum[d], best[d], tokens);
+    }
+  });
+}
+
+// counts[m] = the rows that hold prompt m among their (plain or diversified) top-K: the vote's local half.
+template <typename acc_t>
+void count_votes(const ForwardArgs& a, const acc_t* q, int64_t* counts) {
+  const int64_t batch = a.batch, width = a.width, pool = a.pool, top_k = a.top_k;
+  const acc_t* keys = a.keys.data_ptr<acc_t>();
+  const acc_t* freq = a.freq.defined() ? a.freq.data_ptr<acc_t>() : nullptr;
+  std::vector<acc_t> kn(pool * width), ks(pool);
+  std::vector<int64_t> idx(batch * top_k);
+  const auto normalise = [width](const acc_t* v, acc_t* out) {
+    const acc_t r = math::inverse_norm(math::row_dot(v, v, width));
+    for (int64_t d = 0; d < width; ++d) out[d] = v[d] * r;
+  };
+  for (int64_t m = 0; m < pool; ++m) normalise(keys + m * width, kn.data() + m * width);
+  at::parallel_for(0, batch, grain_for(pool * width), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xn(width), row(pool);
+    for (int64_t b = begin; b < end; ++b) {
+      normalise(q + b * width, xn.data());
+      for (int64_t m = 0; m < pool; ++m) row[m] = math::row_dot(xn.data(), kn.data() + m * width, width);
+      for (int64_t m = 0; m < pool; ++m) {
+        const int64_t rank = math::selection_rank(row.data(), freq, pool, m);
+        if (rank < top_k) idx[b * top_k + rank] = m;
+      }
+    }
+  });
+  std::fill_n(counts, pool, int64_t{0});
+  for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+}
+
+at::Tensor pool_vote_counts_cpu(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
+                                const at::Tensor& keys, const std::optional<at::Tensor>& frequency, int64_t mode,
+                                int64_t top_k) {
+  const ForwardArgs a = prepare_vote_counts(x_embed, cls_features, keys, frequency, mode, top_k);
+  at::Tensor counts = at::empty({a.pool}, a.x.options().dtype(at::kLong));
+  at::Tensor q = a.mode == kModeCls ? a.cls : at::empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_vote_counts_cpu", [&] {
+    using x_t = scalar_t;
+    dispatch_acc(a.acc_type, [&](auto acc_tag) {
+      using acc_t = decltype(acc_tag);
+      if (a.mode != kModeCls) reduce_queries<x_t, acc_t>(a, q.data_ptr<acc_t>());
+      count_votes<acc_t>(a, q.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
+    });
+  });
+  return counts;
+}
+
 ForwardResult pool_forward_cpu(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
                                const at::Tensor& prompt, const at::Tensor& keys,
                                const std::optional<at::Tensor>& prompt_mask, int64_t mode, int64_t top_k,
-                               bool batchwise) {
-  const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise);
+                               bool batchwise, const std::optional<at::Tensor>& frequency,
+                               const std::optional<at::Tensor>& vote_counts) {
+  const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise,
+                                        frequency, vote_counts);
   ForwardOutputs o = allocate_forward(a);
   at::Tensor q = a.mode == kModeCls ? a.cls : new_empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_forward_cpu", [&] {
@@ -457,6 +529,7 @@ BackwardResult pool_backward_cpu(const at::Tensor& grad_prompted, const std::opt
 
 TORCH_LIBRARY_IMPL(l2p_fast, CPU, m) {
   m.impl("pool_forward", &pool_forward_cpu);
+  m.impl("pool_vote_counts", &pool_vote_counts_cpu);
   m.impl("pool_backward", &pool_backward_cpu);
 }
 

@@ -28,14 +28,16 @@ using torch::autograd::variable_list;
 
 ForwardResult call_pool_forward(const at::Tensor& x, const std::optional<at::Tensor>& cls, const at::Tensor& prompt,
                                 const at::Tensor& keys, const std::optional<at::Tensor>& mask, int64_t mode,
-                                int64_t top_k, bool batchwise) {
+                                int64_t top_k, bool batchwise, const std::optional<at::Tensor>& frequency,
+                                const std::optional<at::Tensor>& vote_counts) {
+  using OptTensor = std::optional<at::Tensor>;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("l2p_fast::pool_forward", "")
-                       .typed<ForwardResult(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                                            const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
-                                            bool)>();
+                       .typed<ForwardResult(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                            const OptTensor&, int64_t, int64_t, bool, const OptTensor&,
+                                            const OptTensor&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // straight to the CPU / CUDA kernel
-  return op.call(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+  return op.call(x, cls, prompt, keys, mask, mode, top_k, batchwise, frequency, vote_counts);
 }
 
 // g: the gradients of (prompted, x_norm, prompt_norm, similarity, selected_key, reduce_sim); an
@@ -173,12 +175,14 @@ constexpr const char* kNoForwardAD =
 ForwardResult pool_forward_autograd(const at::Tensor& x, const std::optional<at::Tensor>& cls,
                                     const at::Tensor& prompt, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& mask, int64_t mode, int64_t top_k,
-                                    bool batchwise) {
+                                    bool batchwise, const std::optional<at::Tensor>& frequency,
+                                    const std::optional<at::Tensor>& vote_counts) {
+  // frequency and vote_counts only change which ids are picked: no gradient flows to them
   const at::Tensor cls_or_none = cls.has_value() ? *cls : at::Tensor();
   TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(cls_or_none) &&
                   !torch::autograd::isFwGradDefined(prompt) && !torch::autograd::isFwGradDefined(keys),
               kNoForwardAD);
-  ForwardResult out = call_pool_forward(x, cls, prompt, keys, mask, mode, top_k, batchwise);
+  ForwardResult out = call_pool_forward(x, cls, prompt, keys, mask, mode, top_k, batchwise, frequency, vote_counts);
   if (!torch::autograd::compute_requires_grad(x, cls_or_none, prompt, keys)) return out;
   auto& [prompted, x_norm, prompt_norm, sim, idx, selected, reduce, argmax, q_sumsq, k_sumsq] = out;
   auto node = c10::make_intrusive<PoolForwardBackward>();

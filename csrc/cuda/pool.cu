@@ -24,7 +24,7 @@ inline int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / 
 // Forward kernels
 // ----------------------------------------------------------------------------------------------
 
-// One thread per (b, d): copies x[b, :, d] into prompted[b, K*Lp:, d] and reduces the query.
+// One thread per (b, d): copies x[b, :, d] into prompted[b, K*Lp:, d] (unless out is null) and reduces the query.
 template <typename x_t, typename out_t, typename acc_t>
 __global__ void tokens_kernel(const x_t* __restrict__ x, out_t* __restrict__ out, acc_t* __restrict__ q,
                               int32_t* __restrict__ argmax, int64_t batch, int64_t tokens, int64_t width,
@@ -33,12 +33,12 @@ __global__ void tokens_kernel(const x_t* __restrict__ x, out_t* __restrict__ out
   if (i >= batch * width) return;
   const int64_t b = i / width, d = i % width, seq = offset + tokens;
   const x_t* src = x + b * tokens * width + d;
-  out_t* dst = out + (b * seq + offset) * width + d;
+  out_t* dst = out == nullptr ? nullptr : out + (b * seq + offset) * width + d;
   acc_t sum = 0, best = -INFINITY;
   int32_t arg = 0;
   for (int64_t n = 0; n < tokens; ++n) {
     const x_t v = src[n * width];
-    dst[n * width] = cast_to<out_t>(v);
+    if (dst != nullptr) dst[n * width] = cast_to<out_t>(v);
     if (mode == kModeCls) continue;
     const acc_t a = cast_to<acc_t>(v);
     sum += a;
@@ -64,31 +64,43 @@ __global__ void normalise_kernel(const acc_t* __restrict__ v, acc_t* __restrict_
   for (int64_t d = 0; d < width; ++d) out[r * width + d] = v[r * width + d] * inv;
 }
 
-// One thread per row b: similarity row and (unless a mask is given) its top-K by the tie rule.
+// One thread per row b: similarity row and (when choose) its top-K by the tie rule, diversified when freq is
+// given; with a mask (not choose, clamp) idx holds the mask's ids, which are clamped.
 template <typename acc_t>
 __global__ void score_kernel(const acc_t* __restrict__ xn, const acc_t* __restrict__ kn, acc_t* __restrict__ sim,
-                             int64_t* __restrict__ idx, int64_t batch, int64_t pool, int64_t width, int64_t top_k,
-                             bool choose) {
+                             int64_t* __restrict__ idx, const acc_t* __restrict__ freq, int64_t batch, int64_t pool,
+                             int64_t width, int64_t top_k, bool choose, bool clamp) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   acc_t* row = sim + b * pool;
   for (int64_t m = 0; m < pool; ++m) row[m] = math::row_dot(xn + b * width, kn + m * width, width);
-  if (!choose) {  // idx holds a copy of prompt_mask: clamp out-of-range ids
+  if (clamp) {  // idx holds a copy of prompt_mask: clamp out-of-range ids
     for (int64_t k = 0; k < top_k; ++k) idx[b * top_k + k] = math::clamp_id(idx[b * top_k + k], pool);
-    return;
   }
+  if (!choose) return;
   for (int64_t m = 0; m < pool; ++m) {
-    const int64_t rank = math::descending_rank(row, pool, m);
+    const int64_t rank = math::selection_rank(row, freq, pool, m);
     if (rank < top_k) idx[b * top_k + rank] = m;
   }
 }
 
-// Single thread: the batch vote (counts over M ids, winners by count desc, lower id first).
-__global__ void vote_kernel(int64_t* __restrict__ idx, int64_t* __restrict__ counts, int64_t batch, int64_t pool,
-                            int64_t top_k) {
+// Single thread: counts[m] = the rows of idx (B, K) that hold id m.
+__global__ void count_kernel(const int64_t* __restrict__ idx, int64_t* __restrict__ counts, int64_t batch,
+                             int64_t pool, int64_t top_k) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   for (int64_t m = 0; m < pool; ++m) counts[m] = 0;
   for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+}
+
+// Single thread: the batch vote (counts over M ids, winners by count desc, lower id first); the counts are
+// counted from idx unless given (counted = false: the global vote's all-reduced counts).
+__global__ void vote_kernel(int64_t* __restrict__ idx, int64_t* __restrict__ counts, int64_t batch, int64_t pool,
+                            int64_t top_k, bool counted) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  if (!counted) {
+    for (int64_t m = 0; m < pool; ++m) counts[m] = 0;
+    for (int64_t i = 0; i < batch * top_k; ++i) ++counts[idx[i]];
+  }
   for (int64_t m = 0; m < pool; ++m) {
     const int64_t rank = math::descending_rank(counts, pool, m);
     if (rank < top_k) idx[rank] = m;  // row 0 holds the winners ...
@@ -138,14 +150,16 @@ __global__ void gather_kernel(const out_t* __restrict__ prompt, const int64_t* _
 ForwardResult pool_forward_cuda(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
                                 const at::Tensor& prompt, const at::Tensor& keys,
                                 const std::optional<at::Tensor>& prompt_mask, int64_t mode, int64_t top_k,
-                                bool batchwise) {
+                                bool batchwise, const std::optional<at::Tensor>& frequency,
+                                const std::optional<at::Tensor>& vote_counts) {
   const c10::cuda::CUDAGuard guard(x_embed.device());
-  const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise);
+  const ForwardArgs a = prepare_forward(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise,
+                                        frequency, vote_counts);
   ForwardOutputs o = allocate_forward(a);
   at::Tensor q = a.mode == kModeCls ? a.cls : at::empty({a.batch, a.width}, a.x.options().dtype(a.acc_type));
   const int64_t offset = a.top_k * a.length, seq = offset + a.tokens;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool choose = !a.mask.defined();
+  const bool choose = !a.mask.defined() && !a.votes.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_forward_cuda", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_type, "pool_forward_cuda_out", [&] {
@@ -165,12 +179,13 @@ ForwardResult pool_forward_cuda(const at::Tensor& x_embed, const std::optional<a
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         score_kernel<acc_t><<<blocks_for(a.batch), kThreads, 0, stream>>>(
             o.x_norm.data_ptr<acc_t>(), o.prompt_norm.data_ptr<acc_t>(), o.similarity.data_ptr<acc_t>(),
-            o.idx.data_ptr<int64_t>(), a.batch, a.pool, a.width, a.top_k, choose);
+            o.idx.data_ptr<int64_t>(), a.freq.defined() ? a.freq.data_ptr<acc_t>() : nullptr, a.batch, a.pool,
+            a.width, a.top_k, choose, a.mask.defined());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (choose && a.batchwise) {
-          at::Tensor counts = at::empty({a.pool}, a.x.options().dtype(at::kLong));
+        if (a.batchwise) {
+          at::Tensor counts = a.votes.defined() ? a.votes.clone() : at::empty({a.pool}, a.x.options().dtype(at::kLong));
           vote_kernel<<<1, 1, 0, stream>>>(o.idx.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), a.batch, a.pool,
-                                           a.top_k);
+                                           a.top_k, a.votes.defined());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         selected_kernel<acc_t><<<blocks_for(a.batch * a.top_k * a.width), kThreads, 0, stream>>>(
@@ -188,6 +203,48 @@ ForwardResult pool_forward_cuda(const at::Tensor& x_embed, const std::optional<a
     });
   });
   return o.as_tuple();
+}
+
+// The local half of the global vote: queries, similarity rows, per-row top-K, counts (M,) int64.
+at::Tensor pool_vote_counts_cuda(const at::Tensor& x_embed, const std::optional<at::Tensor>& cls_features,
+                                 const at::Tensor& keys, const std::optional<at::Tensor>& frequency, int64_t mode,
+                                 int64_t top_k) {
+  const c10::cuda::CUDAGuard guard(x_embed.device());
+  const ForwardArgs a = prepare_vote_counts(x_embed, cls_features, keys, frequency, mode, top_k);
+  const auto acc = a.x.options().dtype(a.acc_type);
+  at::Tensor q = a.mode == kModeCls ? a.cls : at::empty({a.batch, a.width}, acc);
+  at::Tensor xn = at::empty({a.batch, a.width}, acc), qs = at::empty({a.batch}, acc);
+  at::Tensor kn = at::empty({a.pool, a.width}, acc), ks = at::empty({a.pool}, acc);
+  at::Tensor sim = at::empty({a.batch, a.pool}, acc);
+  at::Tensor idx = at::empty({a.batch, a.top_k}, a.x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({a.pool}, a.x.options().dtype(at::kLong));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "pool_vote_counts_cuda", [&] {
+    using x_t = scalar_t;
+    dispatch_acc(a.acc_type, [&](auto acc_tag) {
+      using acc_t = decltype(acc_tag);
+      if (a.mode != kModeCls) {
+        int32_t* no_argmax = nullptr;
+        tokens_kernel<x_t, x_t, acc_t><<<blocks_for(a.batch * a.width), kThreads, 0, stream>>>(
+            a.x.data_ptr<x_t>(), static_cast<x_t*>(nullptr), q.data_ptr<acc_t>(), no_argmax, a.batch, a.tokens,
+            a.width, 0, a.mode);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      normalise_kernel<acc_t><<<blocks_for(a.pool), kThreads, 0, stream>>>(
+          a.keys.data_ptr<acc_t>(), kn.data_ptr<acc_t>(), ks.data_ptr<acc_t>(), a.pool, a.width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      normalise_kernel<acc_t><<<blocks_for(a.batch), kThreads, 0, stream>>>(
+          q.data_ptr<acc_t>(), xn.data_ptr<acc_t>(), qs.data_ptr<acc_t>(), a.batch, a.width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      score_kernel<acc_t><<<blocks_for(a.batch), kThreads, 0, stream>>>(
+          xn.data_ptr<acc_t>(), kn.data_ptr<acc_t>(), sim.data_ptr<acc_t>(), idx.data_ptr<int64_t>(),
+          a.freq.defined() ? a.freq.data_ptr<acc_t>() : nullptr, a.batch, a.pool, a.width, a.top_k, true, false);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  count_kernel<<<1, 1, 0, stream>>>(idx.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), a.batch, a.pool, a.top_k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return counts;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -389,6 +446,7 @@ BackwardResult pool_backward_cuda(const at::Tensor& grad_prompted, const std::op
 
 TORCH_LIBRARY_IMPL(l2p_fast, CUDA, m) {
   m.impl("pool_forward", &pool_forward_cuda);
+  m.impl("pool_vote_counts", &pool_vote_counts_cuda);
   m.impl("pool_backward", &pool_backward_cuda);
 }
 

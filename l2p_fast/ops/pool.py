@@ -9,8 +9,14 @@
   ``l2p_fast/ops/pool_triton.py``, device code in ``kernels/pool_forward.py`` / ``pool_backward.py``.
 
 Every implementation takes (x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), *, embedding_key,
-top_k, batchwise, cls_features (B, D) | None, prompt_mask (B, K') | None) and returns the tensor
-outputs of §4.5 by name (``pool_outputs``).
+top_k, batchwise, cls_features (B, D) | None, prompt_mask (B, K') | None, frequency (M,) | None,
+vote_counts (M,) | None) and returns the tensor outputs of §4.5 by name (``pool_outputs``).
+``frequency`` diversifies the selection (docs/behaviour.md §8); ``vote_counts`` are the batch vote's
+counts when given (the global vote, §9).
+
+The op ``pool_vote_counts`` (x_embed, keys, *, embedding_key, top_k, cls_features, frequency) → counts (M,)
+int64 is the vote's local half (§9): one op per backend (reference ``reference.pool_vote_counts``; native
+``l2p_fast::pool_vote_counts``; Triton ``l2p_fast::triton_pool_vote_counts``), not differentiable.
 
 Autograd, where the backends differ (and why it is harmless):
 - An in-place edit of an *input* between forward and backward (e.g. an optimiser step on ``prompt_key``)
@@ -40,6 +46,7 @@ from . import pool_triton
 from .triton_launch import reject_forward_ad
 
 register("pool_forward", "reference")(reference.pool_forward)
+register("pool_vote_counts", "reference")(reference.pool_vote_counts)
 
 
 def pool_outputs(
@@ -67,7 +74,8 @@ def pool_outputs(
 # ---------------------------------------------------------------------------------------------
 # native: l2p_fast::pool_forward / l2p_fast::pool_backward (C++ schemas, kernels and autograd)
 # ---------------------------------------------------------------------------------------------
-def _pool_forward_fake(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise):
+def _pool_forward_fake(x_embed, cls_features, prompt, keys, prompt_mask, mode, top_k, batchwise, frequency=None,
+                       vote_counts=None):
     batch, tokens, width = x_embed.shape
     pool, length, _ = prompt.shape
     k = prompt_mask.shape[1] if prompt_mask is not None else top_k
@@ -103,9 +111,15 @@ def _pool_backward_fake(grad_prompted, grad_x_embed_norm, grad_prompt_norm, grad
     )
 
 
+def _vote_counts_fake(x_embed, cls_features, keys, frequency, mode, top_k):
+    return x_embed.new_empty((keys.shape[0],), dtype=torch.int64)
+
+
 if _native.has_op("pool_forward"):
     torch.library.register_fake("l2p_fast::pool_forward")(_pool_forward_fake)
     torch.library.register_fake("l2p_fast::pool_backward")(_pool_backward_fake)
+if _native.has_op("pool_vote_counts"):
+    torch.library.register_fake("l2p_fast::pool_vote_counts")(_vote_counts_fake)
 
 
 @register("pool_forward", "cpu", "cuda")
@@ -119,16 +133,39 @@ def native_pool_forward(
     batchwise: bool,
     cls_features: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    frequency: Tensor | None = None,
+    vote_counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Fused native pool forward (one C++ op; its autograd is a C++ node). Differentiable once in
-    x_embed, cls_features, prompt and keys."""
+    x_embed, cls_features, prompt and keys (not in frequency / vote_counts: they only pick ids)."""
     mode = query_mode(embedding_key, cls_features is not None)
     if prompt_mask is not None and ids_unchecked(prompt_mask):
         prompt_mask = prompt_mask.clamp(0, prompt.shape[0] - 1)
+    cls = cls_features if mode == QUERY_FROM_CLS else None
+    args = (x_embed, cls, prompt, keys, prompt_mask, mode, top_k, batchwise)
+    if frequency is not None or vote_counts is not None:
+        args += (frequency, vote_counts)
+    # the overload itself: the packet's overload resolution costs ~3 µs a call
     prompted, x_norm, prompt_norm, similarity, idx, selected, reduce_sim = torch.ops.l2p_fast.pool_forward.default(
-        x_embed, cls_features if mode == QUERY_FROM_CLS else None, prompt, keys, prompt_mask, mode, top_k, batchwise
-    )[:7]  # the overload itself: the packet's overload resolution costs ~3 µs a call
+        *args
+    )[:7]
     return pool_outputs(idx, prompt_norm, x_norm, similarity, selected, reduce_sim, prompted)
+
+
+@register("pool_vote_counts", "cpu", "cuda")
+def native_pool_vote_counts(
+    x_embed: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    cls_features: Tensor | None = None,
+    frequency: Tensor | None = None,
+) -> Tensor:
+    """counts (M,) int64 of the rows of x_embed (B, N, D) holding each prompt among their top-K (one C++ op)."""
+    mode = query_mode(embedding_key, cls_features is not None)
+    cls = cls_features.detach() if mode == QUERY_FROM_CLS else None
+    return torch.ops.l2p_fast.pool_vote_counts.default(x_embed.detach(), cls, keys.detach(), frequency, mode, top_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +175,8 @@ def native_pool_forward(
     "l2p_fast::triton_pool_forward",
     mutates_args=(),
     schema="(Tensor x_embed, Tensor prompt, Tensor keys, Tensor? cls_features, Tensor? prompt_mask, int query_mode, "
-    "int top_k, bool batchwise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "int top_k, bool batchwise, Tensor? frequency=None, Tensor? vote_counts=None) -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def triton_pool_forward(
     x_embed: Tensor,
@@ -149,18 +187,22 @@ def triton_pool_forward(
     query_mode: int,
     top_k: int,
     batchwise: bool,
+    frequency: Tensor | None = None,
+    vote_counts: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """x_embed (B, N, D), prompt (M, Lp, D), keys (M, D) → (prompt_norm (M, D), x_embed_norm (B, D),
     similarity (B, M), selected_key (B, K, D), reduce_sim (), prompted_embedding (B, K·Lp + N, D),
     idx (B, K) int64, key_sumsq (M,), query_sumsq (B,), argmax (B, D) int32 or (0,)); K = prompt_mask.shape[1]
-    or top_k. The last four outputs are not differentiable (the backward reads them)."""
+    or top_k. The last four outputs are not differentiable (the backward reads them). frequency (M,) and
+    vote_counts (M,) only change which ids are picked (no gradient reaches them)."""
     return pool_triton.launch_pool_forward(
-        x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise
+        x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise, frequency, vote_counts
     )
 
 
 @triton_pool_forward.register_fake
-def _triton_pool_forward_fake(x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise):
+def _triton_pool_forward_fake(x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, batchwise,
+                              frequency=None, vote_counts=None):
     batch, tokens, width = x_embed.shape
     pool_size, length = prompt.shape[:2]
     k = prompt_mask.shape[1] if prompt_mask is not None else top_k
@@ -181,7 +223,7 @@ def _triton_pool_forward_fake(x_embed, prompt, keys, cls_features, prompt_mask, 
 
 
 def _triton_pool_forward_setup(ctx, inputs, output) -> None:
-    x_embed, prompt, keys, cls_features, _mask, mode, _top_k, _batchwise = inputs
+    x_embed, prompt, keys, cls_features, _mask, mode, _top_k, _batchwise = inputs[:8]
     prompt_norm, x_norm, _, _, _, _, idx, key_sumsq, query_sumsq, argmax = output
     ctx.mark_non_differentiable(idx, key_sumsq, query_sumsq, argmax)
     ctx.set_materialize_grads(False)  # unused outputs cost nothing in the backward
@@ -214,10 +256,44 @@ def _triton_pool_forward_backward(ctx, g_pn, g_xn, g_sim, g_sel, g_rs, g_out, *_
         grad_x = triton_grad_x(g_out, grad_query, argmax, ctx.query_mode, ctx.tokens, prompt_tokens, ctx.x_dtype)
     elif need_x and g_out is not None:
         grad_x = g_out[:, prompt_tokens:].to(ctx.x_dtype)  # a view when the dtypes match: no copy
-    return grad_x, grad_prompt, grad_keys if need_keys else None, grad_cls, None, None, None, None
+    return grad_x, grad_prompt, grad_keys if need_keys else None, grad_cls, None, None, None, None, None, None
 
 
 triton_pool_forward.register_autograd(_triton_pool_forward_backward, setup_context=_triton_pool_forward_setup)
+
+
+@torch.library.custom_op(
+    "l2p_fast::triton_pool_vote_counts",
+    mutates_args=(),
+    schema="(Tensor x_embed, Tensor keys, Tensor? cls_features, Tensor? frequency, int query_mode, "
+    "int top_k) -> Tensor",
+)
+def triton_pool_vote_counts(
+    x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None, query_mode: int, top_k: int
+) -> Tensor:
+    """counts (M,) int64 of the rows of x_embed (B, N, D) holding each prompt among their top-K (§9)."""
+    return pool_triton.launch_vote_counts(x_embed, keys, cls_features, frequency, query_mode, top_k)
+
+
+@triton_pool_vote_counts.register_fake
+def _triton_pool_vote_counts_fake(x_embed, keys, cls_features, frequency, query_mode, top_k):
+    return x_embed.new_empty((keys.shape[0],), dtype=torch.int64)
+
+
+@register("pool_vote_counts", "triton")
+def triton_vote_counts(
+    x_embed: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    cls_features: Tensor | None = None,
+    frequency: Tensor | None = None,
+) -> Tensor:
+    """The vote's local half by one Triton op (see ``reference.pool_vote_counts``)."""
+    mode = query_mode(embedding_key, cls_features is not None)
+    cls = cls_features.detach() if mode == QUERY_FROM_CLS else None
+    return triton_pool_vote_counts(x_embed.detach(), keys.detach(), cls, frequency, mode, top_k)
 
 
 @torch.library.custom_op(
@@ -302,6 +378,8 @@ def triton_pool(
     batchwise: bool,
     cls_features: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    frequency: Tensor | None = None,
+    vote_counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Pool-mode forward by the Triton ops: every tensor output of §4.5 (see ``reference.pool_forward``)."""
     mode = query_mode(embedding_key, cls_features is not None)
@@ -311,6 +389,6 @@ def triton_pool(
     if prompt_mask is not None and ids_unchecked(prompt_mask):
         prompt_mask = prompt_mask.clamp(0, prompt.shape[0] - 1)
     prompt_norm, x_norm, similarity, selected, reduce_sim, out, idx = triton_pool_forward(
-        x_embed, prompt, keys, cls_features, prompt_mask, mode, top_k, batchwise
+        x_embed, prompt, keys, cls_features, prompt_mask, mode, top_k, batchwise, frequency, vote_counts
     )[:7]
     return pool_outputs(idx, prompt_norm, x_norm, similarity, selected, reduce_sim, out)

@@ -44,15 +44,18 @@ def launch_pool_forward(
     query_mode: int,
     top_k: int,
     batchwise: bool,
+    frequency: Tensor | None = None,
+    vote_counts: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Select + gather + prepend. x_embed (B, N, D), prompt (M, Lp, D), keys (M, D), cls_features (B, D)
-    (used when query_mode is 3), prompt_mask (B, K') or None.
+    (used when query_mode is 3), prompt_mask (B, K') or None, frequency (M,) float (diversified selection)
+    or None, vote_counts (M,) int (the batch vote's counts, given: the global vote) or None.
 
     Returns (prompt_norm (M, D), x_embed_norm (B, D), similarity (B, M), selected_key (B, K, D),
     reduce_sim (), prompted_embedding (B, K·Lp + N, D), idx (B, K) int64, key_sumsq (M,),
     query_sumsq (B,), argmax (B, D) int32 for the max queries, else (0,)).
     """
-    validate_pool_op(x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k)
+    validate_pool_op(x_embed, prompt, keys, cls_features, prompt_mask, query_mode, top_k, frequency, vote_counts)
     fwd = kernels()[0]
     batch, tokens, width = x_embed.shape
     pool_size, length, _ = prompt.shape
@@ -71,28 +74,69 @@ def launch_pool_forward(
     query_sumsq = new((batch,), dtype=ct)
     argmax = new((batch, width) if takes_token_max(query_mode) else (0,), dtype=torch.int32)
     vote = batchwise and prompt_mask is None
+    given_counts = vote and vote_counts is not None
     top = new((batch, k), dtype=torch.int64) if vote else idx
     cls = cls_features if query_mode == QUERY_FROM_CLS else x_embed[:, 0]
     mask = prompt_mask if prompt_mask is not None else idx
+    freq = frequency.to(ct).contiguous() if frequency is not None else key_sumsq  # a stand-in pointer when unused
     blocks = forward_blocks(tokens, width, pool_size, k, length * width)
     with device_guard(x_embed):
         fwd.select_kernel[(batch,)](
-            x_embed, *x_embed.stride(), cls, *cls.stride(), prompt, keys, *keys.stride(), mask, *mask.stride(),
+            x_embed, *x_embed.stride(), cls, *cls.stride(), prompt, keys, *keys.stride(), mask, *mask.stride(), freq,
             top, prompt_norm, x_norm, similarity, selected, pull, out, key_sumsq, query_sumsq, argmax,
             tokens, width, pool_size, k, length,
-            QUERY=query_mode, HAS_MASK=prompt_mask is not None, GATHER=not vote, **blocks,
+            QUERY=query_mode, HAS_MASK=prompt_mask is not None, GATHER=not vote, SELECT=not given_counts, COPY=True,
+            HAS_FREQ=frequency is not None, **blocks,
         )
         if vote:
-            counts = new((batch, pool_size), dtype=torch.int32)
+            if given_counts:
+                counts = vote_counts.to(torch.int64).contiguous()
+            else:
+                counts = new((batch, pool_size), dtype=torch.int32)
             fwd.vote_gather_kernel[(batch,)](
                 top, counts, idx, prompt, keys, *keys.stride(), x_norm, selected, pull, out,
-                batch, tokens, width, pool_size, k, length,
+                batch, tokens, width, pool_size, k, length, HAS_COUNTS=given_counts,
                 BLOCK_M=blocks["BLOCK_M"], BLOCK_R=pow2(batch * k, high=1024 if big_blocks() else 64),
                 BLOCK_D=blocks["BLOCK_D"], BLOCK_S=blocks["BLOCK_S"], BLOCK_E=blocks["BLOCK_E"],
                 num_warps=blocks.get("num_warps", 4),
             )
     reduce_sim = pull.sum() / batch
     return prompt_norm, x_norm, similarity, selected, reduce_sim, out, idx, key_sumsq, query_sumsq, argmax
+
+
+def launch_vote_counts(
+    x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None, query_mode: int, top_k: int
+) -> Tensor:
+    """The global vote's local half: counts (M,) int64 of the rows of x_embed (B, N, D) holding each prompt among
+    their top-K (diversified by frequency (M,) when given). keys (M, D). ``select_kernel`` without the copy and
+    the gather, then a fixed-size count."""
+    pool_size = keys.shape[0]
+    stand_in = keys.new_empty((pool_size, 1, keys.shape[1]))  # no prompt is read (no gather)
+    validate_pool_op(x_embed, stand_in, keys, cls_features, None, query_mode, top_k, frequency, None)
+    fwd = kernels()[0]
+    batch, tokens, width = x_embed.shape
+    ct = compute_dtype(x_embed.dtype, keys.dtype)
+    new = functools.partial(torch.empty, device=x_embed.device)
+    top = new((batch, top_k), dtype=torch.int64)
+    x_norm = new((batch, width), dtype=ct)
+    similarity = new((batch, pool_size), dtype=ct)
+    prompt_norm = new((pool_size, width), dtype=ct)
+    key_sumsq = new((pool_size,), dtype=ct)
+    query_sumsq = new((batch,), dtype=ct)
+    argmax = new((batch, width) if takes_token_max(query_mode) else (0,), dtype=torch.int32)
+    cls = cls_features if query_mode == QUERY_FROM_CLS else x_embed[:, 0]
+    freq = frequency.to(ct).contiguous() if frequency is not None else key_sumsq
+    blocks = forward_blocks(tokens, width, pool_size, top_k, width)
+    with device_guard(x_embed):
+        fwd.select_kernel[(batch,)](
+            x_embed, *x_embed.stride(), cls, *cls.stride(), stand_in, keys, *keys.stride(), top, *top.stride(), freq,
+            top, prompt_norm, x_norm, similarity, x_norm, query_sumsq, x_norm, key_sumsq, query_sumsq, argmax,
+            tokens, width, pool_size, top_k, 1,
+            QUERY=query_mode, HAS_MASK=False, GATHER=False, SELECT=True, COPY=False,
+            HAS_FREQ=frequency is not None, **blocks,
+        )
+    counts = torch.zeros(pool_size, dtype=torch.int64, device=x_embed.device)
+    return counts.scatter_add_(0, top.reshape(-1), torch.ones_like(top.reshape(-1)))
 
 
 def launch_prepend(prompt: Tensor, x_embed: Tensor) -> Tensor:
