@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .assemble import _round_to
 
-EPS = 1e-12
+EPS = tl.constexpr(1e-12)
 
 
 @triton.jit

@@ -237,6 +237,7 @@ LAUNCHERS = {  # module: the launchers it must have
                                  "launch_grad_similarity", "launch_grad_x"),
     "l2p_fast.ops.assemble_triton": ("launch_assemble", "launch_prompt_grad"),
     "l2p_fast.ops.prefix_gather_triton": ("launch_gather", "launch_gather_grad"),
+    "l2p_fast.ops.coda_triton": ("launch_weights", "launch_rows", "launch_rowdot"),
 }
 
 
@@ -315,13 +316,28 @@ def _prefix_gather_scenarios(prefix, shape: Shape, dtypes: tuple) -> Iterator[tu
             g, idx, shape.M, b)
 
 
+def _coda_scenarios(coda, shape: Shape, dtypes: tuple) -> Iterator[tuple[str, Callable[[], None]]]:
+    """CODA-Prompt's mix: q (B, D), keys/attn (M, D), prompt rows (M, Lp·D), in the parameters' dtype."""
+    p_dtype = dtypes[1]
+    q = torch.empty((shape.B, shape.D), dtype=p_dtype)
+    keys = torch.empty((shape.M, shape.D), dtype=p_dtype)
+    rows = torch.empty((shape.M, shape.LP * shape.D), dtype=p_dtype)
+    weights = torch.empty((shape.B, shape.M), dtype=p_dtype)
+    grad = torch.empty((shape.B, shape.LP * shape.D), dtype=p_dtype)
+    yield "coda weights", lambda: coda.launch_weights(q, keys, keys, p_dtype)
+    yield "coda mix", lambda: coda.launch_rows(weights, False, rows, shape.B, 0, shape.B, p_dtype)
+    yield "coda grad prompt", lambda: coda.launch_rows(weights, True, grad, shape.M, 0, shape.M, p_dtype)
+    yield "coda grad weights", lambda: coda.launch_rowdot(grad, rows, weights)
+    yield "coda grad weights no base", lambda: coda.launch_rowdot(grad, rows, None)
+
+
 def record_launches(subset: str, targets: tuple[str, ...] = tuple(TARGETS)) -> list[tuple[Launch, str]]:
     """(configuration, target) pairs: every distinct configuration the launchers pick over the subset's shapes,
     dtypes and flags, with each target (of ``targets``) the subset compiles it for."""
     full = subset in ("full", "families")
     plan = (((SHAPES_FULL, DTYPES_FULL, tuple(TARGETS)),) if full else CI_PLAN)
     exact = subset == "full"  # "families": the full space, one compile per family (see Launch.family)
-    pool, assembly, prefix = _launchers()
+    pool, assembly, prefix, coda = _launchers()
     backend = make_backend(TARGETS["sm90"])  # specialisation does not depend on the arch
     unique: dict[tuple[str, str], tuple[Launch, str]] = {}
     for shapes, dtype_pairs, plan_targets in plan:
@@ -332,7 +348,8 @@ def record_launches(subset: str, targets: tuple[str, ...] = tuple(TARGETS)) -> l
                 tag = f"{shape} x={dtypes[0]} params={dtypes[1]}".replace("torch.", "")
                 for label, run in itertools.chain(_pool_scenarios(pool, shape, dtypes, full),
                                                   _assembly_scenarios(assembly, shape, dtypes),
-                                                  _prefix_gather_scenarios(prefix, shape, dtypes)):
+                                                  _prefix_gather_scenarios(prefix, shape, dtypes),
+                                                  _coda_scenarios(coda, shape, dtypes)):
                     current[0] = f"{label} {tag}"
                     run()
         for fn, args, kwargs, label in sink:

@@ -1,10 +1,10 @@
-"""The Triton backend of ``coda_prompt`` (math and docs in ``coda.py``): launchers, custom op, fake, autograd.
+"""The Triton backend of ``coda_prompt`` (math and docs in ``coda.py``): launchers, custom ops, fakes, autograd.
 
 Device code in ``kernels/coda.py`` (installed as ``l2p_fast.kernels.coda``), imported on the first launch so
 ``TRITON_INTERPRET`` may be set after ``l2p_fast`` is imported. Forward: the weights kernel, then the rows kernel
-writes the mix (B, Lp, D). Backward: the rowdot kernel gives G = ∂L/∂α, the rows kernel ∂P = αᵀ·g (rows outside
-the trainable slice zero); the (B, F)-sized rest (∂q, ∂K, ∂A: products of (B, F) and (B | F, Dk) matrices) is
-``coda_math.weight_grads``, as on the cpu backend.
+writes the mix (B, Lp, D). Backward (the custom op ``l2p_fast::coda_prompt_backward_triton``): the rowdot kernel
+gives G = ∂L/∂α, the rows kernel ∂P = αᵀ·g (rows outside the trainable slice zero); the (B, F)-sized rest (∂q, ∂K,
+∂A: products of (B, F) and (B | F, Dk) matrices) is ``coda_math.weight_grads``, as on the cpu backend.
 """
 
 from __future__ import annotations
@@ -96,22 +96,37 @@ def coda_prompt_triton(q: Tensor, keys: Tensor, attn: Tensor, prompt: Tensor, st
 coda_prompt_triton.register_fake(coda_fake)
 
 
+@torch.library.custom_op(
+    "l2p_fast::coda_prompt_backward_triton", mutates_args=(),
+    schema="(Tensor grad_mixed, Tensor grad_weights, Tensor q, Tensor keys, Tensor attn, Tensor prompt, "
+           "Tensor weights, int start) -> (Tensor, Tensor, Tensor, Tensor)",
+)  # fmt: skip
+def coda_prompt_backward_triton(grad_mixed: Tensor, grad_weights: Tensor, q: Tensor, keys: Tensor, attn: Tensor,
+                                prompt: Tensor, weights: Tensor, start: int):
+    """(∂q, ∂keys, ∂attn, ∂prompt) of the Triton CODA mix from ∂mixed (B, Lp, D) and ∂α (B, F); rows of ∂keys,
+    ∂attn, ∂prompt outside [start, F) are zero."""
+    stop = weights.shape[1]
+    pool, length, width = prompt.shape
+    g = grad_mixed.reshape(q.shape[0], length * width).to(prompt.dtype)
+    grad_w = launch_rowdot(g, prompt[:stop].reshape(stop, length * width), grad_weights)
+    grad_p = launch_rows(weights, True, g, pool, start, stop, prompt.dtype).view(pool, length, width)
+    grad_q, grad_k, grad_a = weight_grads(q, keys[:stop], attn[:stop], weights, grad_w, start, pool)
+    return grad_q, grad_k, grad_a, grad_p
+
+
+@coda_prompt_backward_triton.register_fake
+def _backward_fake(grad_mixed, grad_weights, q, keys, attn, prompt, weights, start):
+    return q.new_empty(q.shape), keys.new_empty(keys.shape), attn.new_empty(attn.shape), prompt.new_empty(prompt.shape)
+
+
 def _backward(ctx, grad_mixed: Tensor | None, grad_weights: Tensor | None):
     q, keys, attn, prompt, weights = ctx.saved_tensors
-    start, stop = ctx.start, ctx.stop
-    pool, length, width = prompt.shape
-    grad_p = None
     if grad_mixed is None:
-        grad_w = torch.zeros_like(weights, dtype=compute_dtype(weights.dtype)) if grad_weights is None else grad_weights
-        if ctx.needs_input_grad[3]:
-            grad_p = prompt.new_zeros(prompt.shape)
-    else:
-        g = grad_mixed.reshape(q.shape[0], length * width).to(prompt.dtype)
-        grad_w = launch_rowdot(g, prompt[:stop].reshape(stop, length * width), grad_weights)
-        if ctx.needs_input_grad[3]:
-            grad_p = launch_rows(weights, True, g, pool, start, stop, prompt.dtype).view(pool, length, width)
-    grad_q, grad_k, grad_a = weight_grads(q, keys[:stop], attn[:stop], weights, grad_w, start, pool,
-                                          ctx.needs_input_grad[0])
+        grad_mixed = prompt.new_zeros((q.shape[0], *prompt.shape[1:]))
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
+    grad_q, grad_k, grad_a, grad_p = coda_prompt_backward_triton(grad_mixed, grad_weights, q, keys, attn, prompt,
+                                                                  weights, ctx.start)
     return grad_q, grad_k, grad_a, grad_p, None, None
 
 
