@@ -6,6 +6,10 @@ and the pool's fingerprints, so a changed model or data set never reads a stale 
 holds the features and the SHA-256 of their bytes; an unreadable, mis-shaped, non-finite or
 changed (digest mismatch: ``torch.load`` does not check the archive's CRCs) cache file is
 recomputed, and the fact logged.
+
+On several processes (:mod:`.distributed`) every rank reads the file; when any rank lacks a valid
+one, the ranks compute the features together (each its share of the batches, summed exactly:
+every row comes from one rank, the others add zeros) and rank 0 writes the file.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import distributed
 from .backbones import Backbone, encoder_features
 from .batching import Pool, eval_batches
 from .output import atomic_torch_save
@@ -27,15 +32,21 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def compute_features(backbone: Backbone, pool: Pool, batch_size: int, device: torch.device | str = "cpu",
                      progress: bool = False) -> Tensor:
-    """(len(pool), D) fp32 features of every pool item, computed in length-sorted batches, in pool order."""
+    """(len(pool), D) fp32 features of every pool item, computed in length-sorted batches, in pool order.
+
+    On several processes each computes every ``world``-th batch and the rows are summed over the processes."""
     from tqdm.auto import tqdm
 
     model = backbone.model.to(device)
     model.eval()
-    out = torch.empty(len(pool), backbone.width, dtype=torch.float32)
+    out = torch.zeros(len(pool), backbone.width, dtype=torch.float32)
     batches = eval_batches(torch.arange(len(pool)), batch_size, pool.lengths)
-    for batch in tqdm(batches, desc="caching features", unit="batch", leave=False, disable=not progress):
+    mine = batches[distributed.rank()::distributed.world_size()]
+    for batch in tqdm(mine, desc="caching features", unit="batch", leave=False,
+                      disable=not progress or not distributed.is_main()):
         out[batch] = encoder_features(backbone.kind, model, pool.collate(batch, device)).float().cpu()
+    if distributed.active():
+        out = distributed.all_reduce_(out.to(device), "computing the feature cache").cpu()
     return out
 
 
@@ -43,18 +54,30 @@ def cached_features(backbone: Backbone, pool: Pool, cache_dir: str | Path, backb
                     batch_size: int, device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
     """Features of ``pool`` from ``cache_dir`` when present and valid, else computed and stored there."""
     path = Path(cache_dir) / f"features-{backbone_fingerprint[:16]}-{pool.fingerprint()[:16]}.pt"
-    if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            problem = _cache_problem(cached, (len(pool), backbone.width))
-            if problem is None:
-                return cached["features"]
-            log.warning("feature cache %s %s; recomputing", path, problem)
-        except Exception as error:  # noqa: BLE001
-            log.warning("feature cache %s is unreadable (%s); recomputing", path, error)
+    found = _read_cache(path, (len(pool), backbone.width))
+    missing = torch.tensor([found is None], dtype=torch.long, device=device)  # every rank takes the same branch
+    if not int(distributed.all_reduce_(missing, "reading the feature cache")):
+        return found
     features = compute_features(backbone, pool, batch_size, device, progress)
-    atomic_torch_save({"features": features, "sha256": _digest(features)}, path)
+    if distributed.is_main():
+        atomic_torch_save({"features": features, "sha256": _digest(features)}, path)
     return features
+
+
+def _read_cache(path: Path, shape: tuple[int, int]) -> Tensor | None:
+    """The features stored in ``path`` when it holds a valid cache of ``shape``, else None (a problem is logged)."""
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        log.warning("feature cache %s is unreadable (%s); recomputing", path, error)
+        return None
+    problem = _cache_problem(cached, shape)
+    if problem is not None:
+        log.warning("feature cache %s %s; recomputing", path, problem)
+        return None
+    return cached["features"]
 
 
 def _digest(features: Tensor) -> str:

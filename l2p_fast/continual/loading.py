@@ -49,7 +49,8 @@ def load_batches(pool: Pool, batches: Sequence[Tensor], seeds: Sequence[Tensor |
     """The model inputs of each batch of ``batches`` (pool indices), in order, on ``device``.
 
     ``seeds[j]``: the per-item augmentation seeds of batch ``j`` (None: the global RNG, e.g. for
-    deterministic test transforms). ``num_workers``: worker processes for image pools.
+    deterministic test transforms). ``num_workers``: worker processes for image pools. An empty batch
+    (a process's share of a global batch smaller than the number of processes) gives None.
     """
     if len(seeds) != len(batches):
         raise ValueError(f"seeds: expected one entry per batch ({len(batches)}), got {len(seeds)}")
@@ -57,13 +58,13 @@ def load_batches(pool: Pool, batches: Sequence[Tensor], seeds: Sequence[Tensor |
         raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
     if pool.tokens is not None or num_workers == 0:
         for batch, batch_seeds in zip(batches, seeds, strict=True):
-            yield pool.collate(batch, device, seeds=batch_seeds)
+            yield pool.collate(batch, device, seeds=batch_seeds) if len(batch) else None
         return
     keys = [
         list(zip(b.tolist(), (s.tolist() if s is not None else [-1] * len(b)), strict=True))
-        for b, s in zip(batches, seeds, strict=True)
+        for b, s in zip(batches, seeds, strict=True) if len(b)
     ]
-    loader = DataLoader(_PoolItems(pool), batch_sampler=keys, num_workers=num_workers, collate_fn=_stack,
-                        prefetch_factor=PREFETCH, pin_memory=device.type == "cuda")
-    for x in loader:
-        yield x.to(device, non_blocking=True)
+    loader = iter(DataLoader(_PoolItems(pool), batch_sampler=keys, num_workers=num_workers, collate_fn=_stack,
+                             prefetch_factor=PREFETCH, pin_memory=device.type == "cuda"))
+    for batch in batches:
+        yield next(loader).to(device, non_blocking=True) if len(batch) else None

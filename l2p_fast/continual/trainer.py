@@ -21,6 +21,13 @@ evaluation batch). That check reads the loss value the progress bar shows anyway
 (one host sync per step, which the methods' logged loss parts already cost) and the gradient norm
 that clipping computes (without clipping, one extra norm over the gradients).
 
+Several processes (``torchrun``; :mod:`.distributed`): the same loop. Every process forms the same
+global batches (``batch_size`` is the global batch; ``lr`` applies to it, unscaled), keeps its shard,
+weights its mean loss by its share of the batch, and the trainable gradients are summed over the
+processes before clipping, so every process takes the one-process step. Evaluation batches are
+sharded the same way and the counts summed exactly; rank 0 writes checkpoints and results, and
+every process resumes from the checkpoint rank 0 read.
+
 Speed options: ``precision`` (every forward under ``models.precision.autocast``; fp16 with a loss scaler
 whose state is checkpointed; 'auto' resolved here and recorded), ``compile`` (``torch.compile`` of the
 model's forward) and ``num_workers`` (image batches loaded ahead by worker processes, each item's
@@ -43,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..models.precision import autocast, grad_scaler, resolve_precision
-from . import metrics
+from . import distributed, metrics
 from .backbones import Backbone, load_backbone
 from .batching import Pool, build_pool, derive_seed, eval_batches, generator, train_batches
 from .benchmarks import ContinualBenchmark, get_benchmark
@@ -173,8 +180,17 @@ class Trainer:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.output / "cache"
         self._backbone = backbone
         self._benchmark = benchmark
-        with run_lock(self.output):  # a folder in use is reported as such, before its files are judged
+        with contextlib.ExitStack() as stack:  # a folder in use is reported as such, before its files are judged
+            self._hold_folder(stack)
+
+    def _hold_folder(self, stack: contextlib.ExitStack) -> None:
+        """Rank 0 locks the output folder (until ``stack`` closes) and checks it; every process gets its verdict."""
+
+        def hold() -> None:
+            stack.enter_context(run_lock(self.output))
             self._check_folder()
+
+        distributed.from_main(hold, "checking the output folder")
 
     def _check_folder(self) -> None:
         refuse_earlier_run(self.output, self.resume)
@@ -203,10 +219,16 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes)
         self.method.model.to(self.device)
+        self.global_vote = cfg.batchwise_prompt and distributed.active()
+        if self.global_vote:  # the batch vote counts the global batch, as one process would
+            distributed.use_global_vote(self.method.model)
         if cfg.compile:  # the instance's forward, so state-dict keys and checkpoints are unchanged
             self.method.model.forward = torch.compile(self.method.model.forward)
         log.info("%s on %s: precision %s (requested %s), compile %s, backend %s", cfg.method, self.device,
                  cfg.precision, self.requested_precision, "on" if cfg.compile else "off", cfg.backend)
+        log.info("%s: %s; global batch %d (--batch-size, split over the processes), lr %g for that global batch "
+                 "(not scaled with the number of processes)", cfg.method, distributed.describe(), cfg.batch_size,
+                 cfg.lr)
         self.phases = phases_of(cfg.method, self.benchmark.num_tasks)
         self.train_cache = self.test_cache = None
         if self.method.uses_feature_cache:
@@ -246,9 +268,10 @@ class Trainer:
         try:
             if self.config.num_threads is not None:
                 torch.set_num_threads(self.config.num_threads)
-            with run_lock(self.output), deterministic(self.device):
-                self._check_folder()
-                return self._run()
+            with contextlib.ExitStack() as stack, deterministic(self.device):
+                self._hold_folder(stack)
+                with distributed.collective_errors("training"):
+                    return self._run()
         finally:
             torch.set_num_threads(threads)
 
@@ -269,13 +292,8 @@ class Trainer:
         scaler = grad_scaler(cfg.precision, self.device)  # fp16: loss scaling; otherwise a no-op
         checkpoint_path = self.output / CHECKPOINT_NAME
         sizes = [len(self.train_pool.task_indices(list(p.train_tasks))) for p in self.phases]
-        if self.resume and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path, cfg.fingerprint(), self.backbone_fingerprint)
-            check_run_state(
-                state, checkpoint_path, batches_per_epoch=[math.ceil(n / cfg.batch_size) for n in sizes],
-                epochs=cfg.epochs, evaluated_tasks=[p.eval_tasks for p in self.phases], num_tasks=num_tasks,
-                pool_size=cfg.pool_size,
-            )
+        state = distributed.from_main(lambda: self._read_checkpoint(checkpoint_path, sizes), "reading the checkpoint")
+        if state is not None:
             try:
                 self.method.load_model_state(state["model"])
                 self.method.load_state_dict(state["method"])
@@ -307,10 +325,12 @@ class Trainer:
         done = sum(sizes[: position["phase"]]) * cfg.epochs + sizes[min(position["phase"], len(sizes) - 1)] * (
             position["epoch"] if position["phase"] < len(sizes) else 0
         )
-        bar = tqdm(total=total, initial=min(done, total), unit="ex", dynamic_ncols=True, disable=not cfg.progress,
-                   desc=cfg.method)
+        bar = tqdm(total=total, initial=min(done, total), unit="ex", dynamic_ncols=True, desc=cfg.method,
+                   disable=not cfg.progress or not distributed.is_main())
 
         def checkpoint(pos: dict[str, int], optimizer: torch.optim.Optimizer | None) -> None:
+            if not distributed.is_main():
+                return
             save_checkpoint(
                 checkpoint_path,
                 {
@@ -335,7 +355,7 @@ class Trainer:
         for p in range(position["phase"], len(self.phases)):
             phase = self.phases[p]
             mask = class_mask(cfg.train_mask, self.benchmark, phase.train_tasks, self.device)
-            optimizer = self._new_optimizer()
+            optimizer = self.optimizer = self._new_optimizer()  # the attribute: the current phase's (tests read it)
             if optimizer_state and p == position["phase"] and (position["epoch"] or position["step"]):
                 restore_optimizer(optimizer, optimizer_state, checkpoint_path)
             indices = self.train_pool.task_indices(list(phase.train_tasks))
@@ -351,20 +371,21 @@ class Trainer:
                 self.method.model.train()
                 steps = range(first_step, len(batches))
                 step_batches = [self._with_replay(batches[step], p, epoch, step) for step in steps]
-                seeds = [item_seeds(cfg.seed, p, epoch, step, len(b)) if self.train_pool.sources is not None else None
-                         for step, b in zip(steps, step_batches, strict=True)]
-                loaded = self._inputs(self.train_pool, step_batches, seeds)
-                for step, batch, inputs in zip(steps, step_batches, loaded, strict=True):
-                    out = self._forward(batch, phase.task_id, True, self.train_pool, self.train_cache, inputs)
-                    loss, parts = self.method.loss(out, labels[batch.to(self.device)], mask)
+                shards = [distributed.shard(b) for b in step_batches]  # this process's part of each global batch
+                seeds = [item_seeds(cfg.seed, p, epoch, step, len(b))[start: start + len(part)]
+                         if self.train_pool.sources is not None else None
+                         for step, b, (part, start) in zip(steps, step_batches, shards, strict=True)]
+                loaded = self._inputs(self.train_pool, [part for part, _ in shards], seeds)
+                for step, batch, (part, start), inputs in zip(steps, step_batches, shards, loaded, strict=True):
+                    optimizer.zero_grad(set_to_none=True)
+                    params = self.method.trainable_parameters()
+                    loss_value, parts, selected = self._train_step(
+                        part, start, len(batch), len(batches[step]), phase.task_id, labels, mask, scaler, inputs,
+                        params)
                     where = (p, epoch, step, len(batches), batch)
-                    loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
                         raise self._non_finite(f"loss {loss_value}", *where)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)  # no-op unless fp16
-                    params = self.method.trainable_parameters()
                     if cfg.clip_grad > 0:
                         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                     else:
@@ -374,9 +395,8 @@ class Trainer:
                         raise self._non_finite(f"gradient norm {float(norm)}", *where)
                     scaler.step(optimizer)
                     scaler.update()
-                    if "prompt_idx" in out:
-                        current = out["prompt_idx"][: len(batches[step])].flatten().cpu()
-                        counts_train[max(phase.train_tasks)] += torch.bincount(current, minlength=cfg.pool_size)
+                    if selected is not None:
+                        counts_train[max(phase.train_tasks)] += selected
                     if "reduce_sim" in parts:
                         reduce_sim[p, epoch] += torch.tensor([parts["reduce_sim"], 1.0], dtype=torch.float64)
                     position.update(phase=p, epoch=epoch, step=step + 1)
@@ -396,7 +416,7 @@ class Trainer:
             self.method.model.eval()
             self.method.end_task(
                 TaskEnd(max(phase.train_tasks), indices, self.train_pool.labels,
-                        generator(cfg.seed, "end_task", p), self._loss_on(phase, mask))
+                        generator(cfg.seed, "end_task", p), self._backward_on(phase, mask))
             )
             row, counts = self._evaluate(phase)
             rows.append(row)
@@ -412,8 +432,65 @@ class Trainer:
         diagnostics = selection_diagnostics(results)
         if diagnostics:
             results["selection_diagnostics"] = diagnostics
-        write_json(self.output / RESULTS_NAME, results)
+        results["processes"] = distributed.world_size()
+        if distributed.is_main():
+            write_json(self.output / RESULTS_NAME, results)
         return results
+
+    def _read_checkpoint(self, path: Path, sizes: list[int]) -> dict[str, Any] | None:
+        """The checkpoint to resume from, read and checked against the run's plan (None: start afresh)."""
+        if not (self.resume and path.exists()):
+            return None
+        cfg = self.config
+        state = load_checkpoint(path, cfg.fingerprint(), self.backbone_fingerprint)
+        check_run_state(
+            state, path, batches_per_epoch=[math.ceil(n / cfg.batch_size) for n in sizes], epochs=cfg.epochs,
+            evaluated_tasks=[p.eval_tasks for p in self.phases], num_tasks=self.benchmark.num_tasks,
+            pool_size=cfg.pool_size,
+        )
+        return state
+
+    def _train_step(self, part: Tensor, start: int, size: int, new: int, task_id: int, labels: Tensor, mask: Tensor,
+                    scaler: torch.amp.GradScaler, inputs: Any,
+                    params: list[torch.nn.Parameter]) -> tuple[float, dict[str, float], Tensor | None]:
+        """Forward and backward of this process's ``part`` (items ``start`` … of a global batch of ``size``, whose
+        first ``new`` are not replayed), its loss weighted by its share and the gradients of ``params`` summed
+        over the processes. Returns the global batch's loss, its logged ``reduce_sim`` (when the method logs
+        one) and the prompt counts (M,) of its ``new`` items (None without prompt ids)."""
+        pool_size = self.config.pool_size
+        extra = torch.zeros(5 + pool_size, dtype=torch.float64)  # loss, reduce_sim, has it, has ids, has items, counts
+        if len(part):
+            out = self._forward(part, task_id, True, self.train_pool, self.train_cache, inputs)
+            loss, logged = self.method.loss(out, labels[part.to(self.device)], mask)
+            share = len(part) / size
+            scaler.scale(loss * share).backward()
+            extra[0] = float(loss.detach()) * share
+            if "reduce_sim" in logged:
+                extra[1:3] = torch.tensor([logged["reduce_sim"] * share, 1.0])
+            if "prompt_idx" in out:
+                ids = out["prompt_idx"][: max(0, min(len(part), new - start))].flatten().cpu()
+                extra[3] = 1.0
+                extra[5:] = torch.bincount(ids, minlength=pool_size).double()
+            extra[4] = 1.0
+        else:
+            self._join_collectives(part, size, task_id, True, self.train_pool, self.train_cache)
+        extra = distributed.all_reduce_grads(params, extra)
+        parts = {"reduce_sim": float(extra[1])} if extra[2] > 0 else {}
+        selected = extra[5:].round().long() if extra[3] > 0 else None
+        return float(extra[0]), parts, selected
+
+    def _join_collectives(self, part: Tensor, size: int, task_id: int, train: bool, pool: Pool,
+                          cache: Tensor | None) -> None:
+        """An empty share of a global batch (fewer items than processes) still takes part in the collectives of
+        the forward (the global prompt vote): a forward on no items, without gradients."""
+        if not self.global_vote:
+            return
+        inputs = None
+        if self.method.needs_inputs:
+            one = pool.collate(torch.zeros(1, dtype=torch.long), self.device)
+            inputs = {k: v[:0] for k, v in one.items()} if isinstance(one, dict) else one[:0]
+        with torch.no_grad():
+            self._forward(part, task_id, train, pool, cache, inputs)
 
     def _with_replay(self, batch: Tensor, phase: int, epoch: int, step: int) -> Tensor:
         """The step's batch plus its replayed items (drawn from a generator seeded by the step)."""
@@ -435,14 +512,21 @@ class Trainer:
             "with --resume), or lower --lr."
         )
 
-    def _loss_on(self, phase: Phase, mask: Tensor) -> Callable[[Tensor], Tensor]:
+    def _backward_on(self, phase: Phase, mask: Tensor) -> Callable[[Tensor], None]:
+        """``TaskEnd.backward_on``: the cross-entropy's gradient on a global batch, each process on its share."""
         labels = self.train_pool.labels.to(self.device)
 
-        def loss_on(indices: Tensor) -> Tensor:
-            out = self._forward(indices, phase.task_id, True, self.train_pool, self.train_cache)
-            return Method.loss(self.method, out, labels[indices.to(self.device)], mask)[0]
+        def backward_on(indices: Tensor) -> None:
+            part, _ = distributed.shard(indices)
+            if len(part):
+                out = self._forward(part, phase.task_id, True, self.train_pool, self.train_cache)
+                loss = Method.loss(self.method, out, labels[part.to(self.device)], mask)[0]
+                (loss * (len(part) / len(indices))).backward()
+            else:
+                self._join_collectives(part, len(indices), phase.task_id, True, self.train_pool, self.train_cache)
+            distributed.all_reduce_grads(self.method.trainable_parameters())
 
-        return loss_on
+        return backward_on
 
     @torch.no_grad()
     def _evaluate(self, phase: Phase) -> tuple[list[float], Tensor | None]:
@@ -453,32 +537,45 @@ class Trainer:
         pool = self.test_pool
         seen = self.benchmark.num_seen_classes(max(phase.eval_tasks))
         indices = pool.task_indices(list(phase.eval_tasks))
-        correct = torch.zeros(self.benchmark.num_tasks, dtype=torch.long)
-        totals = torch.zeros(self.benchmark.num_tasks, dtype=torch.long)
-        counts = None
-        batches = eval_batches(indices, cfg.eval_batch_size, pool.lengths)
-        loaded = self._inputs(pool, batches, [None] * len(batches))
-        for batch, inputs in zip(tqdm(batches, desc=f"{cfg.method} eval", unit="batch", leave=False,
-                                      disable=not cfg.progress), loaded, strict=True):
-            out = self._forward(batch, -1, False, pool, self.test_cache, inputs)
+        num_tasks = self.benchmark.num_tasks
+        correct = torch.zeros(num_tasks, dtype=torch.long)
+        totals = torch.zeros(num_tasks, dtype=torch.long)
+        counts = torch.zeros(num_tasks, cfg.pool_size, dtype=torch.long)
+        flags = torch.zeros(2, dtype=torch.long)  # prompt ids seen, non-finite logits seen
+        bad = None
+        parts = [distributed.shard(b)[0] for b in eval_batches(indices, cfg.eval_batch_size, pool.lengths)]
+        loaded = self._inputs(pool, parts, [None] * len(parts))
+        for part, inputs in zip(tqdm(parts, desc=f"{cfg.method} eval", unit="batch", leave=False,
+                                     disable=not cfg.progress or not distributed.is_main()), loaded, strict=True):
+            if not len(part):
+                self._join_collectives(part, 0, -1, False, pool, self.test_cache)
+                continue
+            out = self._forward(part, -1, False, pool, self.test_cache, inputs)
             logits = out["logits"][:, :seen]
             if not bool(torch.isfinite(logits).all()):
-                raise NonFiniteLossError(
-                    f"evaluation after task {self.phases.index(phase) + 1} of {len(self.phases)}: non-finite logits "
-                    f"for test items {pool.describe(batch)}; their accuracy would be meaningless. Check these items "
-                    "for NaN/inf values."
-                )
+                bad = bad or pool.describe(part)
+                flags[1] = 1
             pred = logits.argmax(dim=1).cpu()
-            hit = (pred == pool.labels[batch]).long()
-            tasks = pool.tasks[batch]
+            hit = (pred == pool.labels[part]).long()
+            tasks = pool.tasks[part]
             correct.index_add_(0, tasks, hit)
             totals.index_add_(0, tasks, torch.ones_like(hit))
             if "prompt_idx" in out:
-                if counts is None:
-                    counts = torch.zeros(self.benchmark.num_tasks, cfg.pool_size, dtype=torch.long)
+                flags[0] = 1
                 ids = out["prompt_idx"].cpu()
                 for t in tasks.unique().tolist():
                     counts[t] += torch.bincount(ids[tasks == t].flatten(), minlength=cfg.pool_size)
+        # every process adds its shares: integer sums, so each test item counts once, exactly
+        summed = distributed.all_reduce_(torch.cat([correct, totals, counts.flatten(), flags]).to(self.device),
+                                         "summing the evaluation counts").cpu()
+        correct, totals = summed[:num_tasks], summed[num_tasks: 2 * num_tasks]
+        counts = summed[2 * num_tasks: -2].view(num_tasks, cfg.pool_size) if summed[-2] else None
+        if summed[-1]:
+            raise NonFiniteLossError(
+                f"evaluation after task {self.phases.index(phase) + 1} of {len(self.phases)}: non-finite logits "
+                f"for test items {bad or '(on another process)'}; their accuracy would be meaningless. Check these "
+                "items for NaN/inf values."
+            )
         row = [100.0 * float(correct[t]) / max(int(totals[t]), 1) for t in phase.eval_tasks]
         return row, counts
 

@@ -22,14 +22,16 @@ from .replay import ReplayBuffer
 
 @dataclass
 class TaskEnd:
-    """What :meth:`Method.end_task` may use: the task's pool indices, pool labels, a seeded generator,
-    and ``loss_on(indices)``, the method's training loss on those pool items (for EWC's Fisher)."""
+    """What :meth:`Method.end_task` may use: the task's pool indices, pool labels, a seeded generator, and
+    ``backward_on(indices)``, which adds to the trainable parameters' ``.grad`` the gradient of the method's
+    cross-entropy (mean over the pool items ``indices``), computed by every process on its share of the
+    items and summed over them (for EWC's Fisher); every process calls it with the same ``indices``."""
 
     task: int
     indices: Tensor
     labels: Tensor
     gen: torch.Generator
-    loss_on: Callable[[Tensor], Tensor]
+    backward_on: Callable[[Tensor], None]
 
 
 class Method:

@@ -4,6 +4,8 @@ After task t the diagonal Fisher F_t is estimated from squared mini-batch gradie
 loss on ``fisher_samples`` examples of the task (``batch · mean(g²)``, the usual batched estimate of
 the per-example expectation); the Fishers of all tasks so far are summed and anchored at the
 parameters θ* after the latest task. The penalty added to the loss is ``λ/2 · Σ F (θ − θ*)²``.
+On several processes each mini-batch's gradient is summed over the processes before it is squared
+(``TaskEnd.backward_on``), so the Fisher is the one-process Fisher and the same on every rank.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class EWC(FineTune):
         batches = list(order.split(self.config.batch_size))
         for batch in batches:
             self.model.zero_grad(set_to_none=True)
-            info.loss_on(batch).backward()
+            info.backward_on(batch)
             for name, param in params.items():
                 if param.grad is not None:
                     fisher[name] += param.grad.detach().pow(2) * len(batch)
