@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-METHODS = ("l2p", "l2p+er", "seq", "seq-frozen", "ewc", "er", "joint")
-PROMPT_METHODS = ("l2p", "l2p+er")
+METHODS = ("l2p", "l2p+er", "dualprompt", "seq", "seq-frozen", "ewc", "er", "joint")
+PROMPT_METHODS = ("l2p", "l2p+er", "dualprompt")
 REPLAY_METHODS = ("er", "l2p+er")
 TRAIN_MASKS = ("task", "seen", "all")
 HEAD_TYPES = ("token", "prompt", "token+prompt", "gap")
@@ -26,12 +26,21 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # as l2p_fast.models.precision.PR
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "l2p": {"lr": 0.03, "train_mask": "task"},
     "l2p+er": {"lr": 0.03, "train_mask": "seen"},
+    "dualprompt": {"lr": 0.03, "train_mask": "task"},
     "seq": {"lr": 1e-4, "train_mask": "seen"},
     "seq-frozen": {"lr": 0.01, "train_mask": "seen"},
     "ewc": {"lr": 1e-4, "train_mask": "seen"},
     "er": {"lr": 1e-4, "train_mask": "seen"},
     "joint": {"lr": 1e-4, "train_mask": "all"},
 }
+
+# prompt settings left unset (None) take the method's: L2P's paper values, or DualPrompt's (paper and port: top-1,
+# batch vote, train-time task mask, CLS head); methods not listed take L2P's (they do not use them)
+PROMPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "l2p": {"top_k": 5, "batchwise_prompt": False, "use_prompt_mask": False, "head_type": "prompt"},
+    "dualprompt": {"top_k": 1, "batchwise_prompt": True, "use_prompt_mask": True, "head_type": "token"},
+}
+DUALPROMPT_HEAD_TYPES = ("token", "gap")
 
 # the budget each benchmark runs with when epochs / subset sizes are left unset (wordnet20: the demo)
 BENCHMARK_BUDGETS: dict[str, dict[str, Any]] = {
@@ -77,12 +86,12 @@ class RunConfig:
     train_mask: str | None = None
     # L2P
     pool_size: int = 10
-    top_k: int = 5
+    top_k: int | None = None  # None: PROMPT_DEFAULTS of the method (also the three below)
     prompt_length: int = 5
     pull_lambda: float = 0.1
-    batchwise_prompt: bool = False
-    use_prompt_mask: bool = False
-    head_type: str = "prompt"
+    batchwise_prompt: bool | None = None
+    use_prompt_mask: bool | None = None
+    head_type: str | None = None
     backend: str = "auto"
     # EWC
     ewc_lambda: float = 1e5
@@ -138,8 +147,10 @@ def resolve(config: RunConfig) -> RunConfig:
     validate_config(config)
     method = METHOD_DEFAULTS[config.method]
     budget = BENCHMARK_BUDGETS.get(config.benchmark, {})
+    prompt = PROMPT_DEFAULTS.get(config.method, PROMPT_DEFAULTS["l2p"])
     out = replace(
         config,
+        **{name: value if getattr(config, name) is None else getattr(config, name) for name, value in prompt.items()},
         lr=method["lr"] if config.lr is None else config.lr,
         train_mask=method["train_mask"] if config.train_mask is None else config.train_mask,
         epochs=budget.get("epochs", DEFAULT_EPOCHS) if config.epochs is None else config.epochs,
@@ -184,15 +195,21 @@ def validate_config(config: RunConfig) -> None:
     _check_choice("method", config.method, METHODS)
     _check_choice("benchmark", config.benchmark, tuple(available_benchmarks()))
     _check_choice("train_mask", config.train_mask, (*TRAIN_MASKS, None))
-    _check_choice("head_type", config.head_type, HEAD_TYPES)
+    _check_choice("head_type", config.head_type, (*HEAD_TYPES, None))
+    if config.method == "dualprompt" and config.head_type not in (*DUALPROMPT_HEAD_TYPES, None):
+        raise ValueError(f"head_type: method 'dualprompt' needs one of {list(DUALPROMPT_HEAD_TYPES)}, "
+                         f"got {config.head_type!r}")
     _check_choice("device", config.device, DEVICES)
     _check_choice("backend", config.backend, BACKENDS)
     _check_choice("precision", config.precision, PRECISIONS)
     if not isinstance(config.compile, bool):
         raise ValueError(f"compile: expected a bool, got {config.compile!r}")
-    for name in ("batch_size", "eval_batch_size", "pool_size", "top_k", "prompt_length", "image_size", "max_length"):
+    for name in ("batch_size", "eval_batch_size", "pool_size", "prompt_length", "image_size", "max_length"):
         _check_int(name, getattr(config, name), 1)
-    for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size"):
+    for name in ("batchwise_prompt", "use_prompt_mask"):
+        if getattr(config, name) not in (True, False, None):
+            raise ValueError(f"{name}: expected a bool or None, got {getattr(config, name)!r}")
+    for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size", "top_k"):
         _check_int(name, getattr(config, name), 1, optional=True)
     _check_int("num_threads", config.num_threads, 1, optional=True)
     _check_int("num_workers", config.num_workers, 0)
@@ -208,7 +225,7 @@ def validate_config(config: RunConfig) -> None:
     _check_float("validation_fraction", config.validation_fraction, 0.0)
     if config.validation_fraction >= 1.0:
         raise ValueError(f"validation_fraction: expected a number in [0, 1), got {config.validation_fraction!r}")
-    if config.top_k > config.pool_size:
+    if config.top_k is not None and config.top_k > config.pool_size:
         raise ValueError(f"top_k: expected at most pool_size ({config.pool_size}), got {config.top_k}")
     if config.max_length < 2:
         raise ValueError(f"max_length: expected at least 2 (CLS and one token), got {config.max_length}")

@@ -209,7 +209,8 @@ class DualPromptViT(nn.Module):
         mask = None
         if self.use_prompt_mask and train:
             mask = task_prompt_mask(task_id, e_prompt.top_k, e_prompt.pool_size, x.shape[0], x.device)
-        res = e_prompt(tokens, prompt_mask=mask, cls_features=cls_features)
+        with torch.autocast(tokens.device.type, enabled=False):  # similarities stay in fp32
+            res = e_prompt(tokens, prompt_mask=mask, cls_features=cls_features)
         batched = res["batched_prompt"]
         outputs = []
         g_prompt = self.g_prompt if self.use_prefix_tune_for_g_prompt else None  # the port ignores G prompt-tuning

@@ -167,3 +167,22 @@ def test_final_tokens_head_matches_all(head_type: str, prefix: bool, monkeypatch
 def test_final_tokens_named() -> None:
     with pytest.raises(ValueError, match="final_tokens"):
         build(CASES[0]["config"], "permute", final_tokens="some")
+
+
+def test_bf16_autocast_selects_in_fp32() -> None:
+    """Under bf16 autocast the E-prompt selection stays fp32 (the same ids and an fp32 pull term), the prefix
+    follows q's dtype, and the prompts' gradients are fp32."""
+    from l2p_fast.testing import tiny_vit
+
+    model = DualPromptViT.from_timm(tiny_vit(), num_classes=4, g_prompt_layer_idx=(0,), e_prompt_layer_idx=(1,),
+                                    pool_size=4, final_tokens="head")
+    x = torch.randn(3, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    query = model.query(x)
+    want = model(x, cls_features=query)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, cls_features=query)
+    assert torch.equal(out["prompt_idx"], want["prompt_idx"]) and out["reduce_sim"].dtype == torch.float32
+    assert out["logits"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["logits"].float(), want["logits"], rtol=0.1, atol=0.1)
+    (out["logits"].float().sum() - out["reduce_sim"]).backward()
+    assert model.g_prompt.grad.dtype == model.e_prompt.prompt.grad.dtype == torch.float32

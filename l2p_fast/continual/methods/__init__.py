@@ -1,10 +1,11 @@
-"""The methods by name: ``l2p``, ``l2p+er``, ``seq``, ``seq-frozen``, ``ewc``, ``er``, ``joint``."""
+"""The methods by name: ``l2p``, ``l2p+er``, ``dualprompt``, ``seq``, ``seq-frozen``, ``ewc``, ``er``, ``joint``."""
 
 from __future__ import annotations
 
 from ..backbones import Backbone
 from ..config import METHODS, RunConfig
 from .base import Method, TaskEnd
+from .dualprompt import DualPrompt
 from .ewc import EWC
 from .finetune import FineTune, FrozenFineTune
 from .prompting import L2P
@@ -13,6 +14,7 @@ from .replay import ReplayBuffer
 METHOD_CLASSES: dict[str, type[Method]] = {
     "l2p": L2P,
     "l2p+er": L2P,
+    "dualprompt": DualPrompt,
     "seq": FineTune,
     "seq-frozen": FrozenFineTune,
     "ewc": EWC,
@@ -31,5 +33,6 @@ def make_method(config: RunConfig, backbone: Backbone, num_classes: int) -> Meth
 
 
 __all__ = [
-    "EWC", "L2P", "METHOD_CLASSES", "FineTune", "FrozenFineTune", "Method", "ReplayBuffer", "TaskEnd", "make_method",
+    "EWC", "L2P", "METHOD_CLASSES", "DualPrompt", "FineTune", "FrozenFineTune", "Method", "ReplayBuffer", "TaskEnd",
+    "make_method",
 ]
