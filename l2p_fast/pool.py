@@ -160,6 +160,9 @@ class FusedPromptPool(nn.Module):
         and the batch vote, the counts are all-reduced before the pick (§9): every rank of the group must
         then call forward the same number of times with the same batchwise / mask setting."""
         prompt = self.prompt  # each parameter read once: nn.Module.__getattr__ costs ~1 µs a lookup
+        global_vote = (
+            self._vote_group is not None and self.batchwise_prompt and self.prompt_pool and prompt_mask is None
+        )
         validate_forward(
             x_embed,
             prompt_mask,
@@ -168,6 +171,7 @@ class FusedPromptPool(nn.Module):
             pool_size=self.pool_size,
             prompt_pool=self.prompt_pool,
             device=prompt.device,
+            allow_empty=global_vote,
         )
         if not self.prompt_pool:
             prepend = dispatch.implementation("prepend", self.backend, x_embed.device.type)
@@ -175,9 +179,11 @@ class FusedPromptPool(nn.Module):
         keys = self.keys()
         frequency = self.prompt_frequency if self.training and prompt_mask is None else None
         selection = {} if frequency is None else {"frequency": frequency}
-        if self._vote_group is not None and self.batchwise_prompt and prompt_mask is None:
-            selection["vote_counts"] = self._global_vote_counts(x_embed, keys, cls_features, frequency)
-        out = dispatch.implementation("pool_forward", self.backend, x_embed.device.type)(
+        # an empty share of a global batch (B = 0) still takes part in the collective; the reference runs it
+        backend = self.backend if x_embed.shape[0] > 0 else "reference"
+        if global_vote:
+            selection["vote_counts"] = self._global_vote_counts(x_embed, keys, cls_features, frequency, backend)
+        out = dispatch.implementation("pool_forward", backend, x_embed.device.type)(
             x_embed,
             prompt,
             keys,
@@ -192,13 +198,13 @@ class FusedPromptPool(nn.Module):
         return {key: out[key] for key in OUTPUT_ORDER}
 
     def _global_vote_counts(
-        self, x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None
+        self, x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None, backend: str
     ) -> Tensor:
         """The vote counts (M,) int64 of this rank's rows, all-reduced (SUM) over ``vote_group``: one op before
         the collective (``pool_vote_counts``), a functional collective (traceable, no host sync)."""
         from torch.distributed import _functional_collectives as funcol
 
-        counts = dispatch.implementation("pool_vote_counts", self.backend, x_embed.device.type)(
+        counts = dispatch.implementation("pool_vote_counts", backend, x_embed.device.type)(
             x_embed, keys, embedding_key=self.embedding_key, top_k=self.top_k, cls_features=cls_features,
             frequency=frequency,
         )

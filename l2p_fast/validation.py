@@ -95,11 +95,13 @@ def validate_forward(
     pool_size: int | None,
     prompt_pool: bool,
     device: torch.device,
+    allow_empty: bool = False,
 ) -> None:
     """Check the forward inputs (docs/behaviour.md §4) against the module's configuration.
 
     x_embed (B, N, D) float; cls_features (B, D) float or None; prompt_mask (B, K') integer ids
-    in [0, M) or None. All on ``device`` (the parameters' device).
+    in [0, M) or None. All on ``device`` (the parameters' device). ``allow_empty``: B = 0 is accepted
+    (an empty share of a global batch voting over a group, docs/behaviour.md §9).
     """
     _check_float("x_embed", x_embed)
     if x_embed.dim() != 3:
@@ -107,7 +109,7 @@ def validate_forward(
     batch, _, width = x_embed.shape
     if width != embed_dim:
         raise ValueError(f"x_embed: expected last dim D = embed_dim = {embed_dim}, got {width}")
-    if batch < 1 or x_embed.shape[1] < 1:
+    if batch < (0 if allow_empty else 1) or x_embed.shape[1] < 1:
         raise ValueError(f"x_embed: expected B >= 1 and N >= 1, got shape {tuple(x_embed.shape)}")
     _check_device("x_embed", x_embed, device)
     if cls_features is not None:

@@ -89,6 +89,11 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, backends: tuple[
             results[backend, "tied"] = run_pool(tied_pool, torch.randn(2, N, D), cls)
             tied_pool.vote_group = None
             results[backend, "tied_local"] = run_pool(tied_pool, torch.randn(2, N, D), cls)
+            # rank 1 holds no rows (a global batch smaller than the world): it still joins the collective
+            share = random_batch(seed=7)[: B_LOCAL if rank == 0 else 0]
+            with torch.no_grad():
+                out = make_pool(backend, "world")(share)
+            results[backend, "empty"] = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
         for backend in [b for b in ("reference", "cpu") if b in backends]:
             pool = make_pool(backend, "world")
             compiled = torch.compile(pool, fullgraph=True, backend="eager")
@@ -154,6 +159,15 @@ def test_global_path_outputs_and_gradients_equal_the_local_path(ranks, backend: 
         assert glob.keys() == local.keys()
         for key in glob:
             assert torch.equal(glob[key], local[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_share_joins_the_vote(ranks, backend: str) -> None:
+    alone = one_process(backend, random_batch(seed=7)[:B_LOCAL])
+    assert torch.equal(ranks[0][backend, "empty"]["prompt_idx"], alone["prompt_idx"])
+    assert torch.equal(ranks[0][backend, "empty"]["prompted_embedding"], alone["prompted_embedding"])
+    assert ranks[1][backend, "empty"]["prompt_idx"].shape == (0, K)
+    assert ranks[1][backend, "empty"]["prompted_embedding"].shape == (0, K * LP + N, D)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in BACKENDS])

@@ -108,6 +108,7 @@ class L2PTextEncoder(nn.Module):
         tokenizer: object = None,
         final_tokens: str = "all",
         packed: bool = True,
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         check_head_type(head_type)
@@ -133,6 +134,7 @@ class L2PTextEncoder(nn.Module):
             batchwise_prompt=batchwise_prompt,
             prompt_key_init=prompt_key_init,
             backend=backend,
+            vote_group=vote_group,  # global batch vote (docs/behaviour.md §9); settable: self.prompt.vote_group
         )
         self.head = nn.Linear(width, num_classes)
         self.embed_dim = width

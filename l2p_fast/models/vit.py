@@ -93,6 +93,7 @@ class L2PViT(nn.Module):
         prompt_key_init: str = "uniform",
         backend: str = "auto",
         final_tokens: str = "all",
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         _check_vit(vit)
@@ -111,6 +112,7 @@ class L2PViT(nn.Module):
             batchwise_prompt=batchwise_prompt,
             prompt_key_init=prompt_key_init,
             backend=backend,
+            vote_group=vote_group,  # global batch vote (docs/behaviour.md §9); settable: self.prompt.vote_group
         )
         self.prompt_len = length * top_k
         num_patches = vit.pos_embed.shape[1] - 1
@@ -158,6 +160,7 @@ class L2PViT(nn.Module):
         prompt_init: str = "uniform",
         prompt_key_init: str = "uniform",
         final_tokens: str = "all",
+        vote_group: object = None,
         **timm_kwargs: object,
     ) -> L2PViT:
         """Build from a timm VisionTransformer instance or a model name (``timm.create_model``).
@@ -195,6 +198,7 @@ class L2PViT(nn.Module):
             prompt_key_init=prompt_key_init,
             backend=backend,
             final_tokens=final_tokens,
+            vote_group=vote_group,
         )
 
     def _resize_pos_embed_on_load(self, state_dict: dict, prefix: str, *_: object) -> None:
