@@ -88,6 +88,13 @@ class FusedCodaPrompt(nn.Module):
         self.task_count += 1
         self._init_rows(generator)
 
+    def set_task(self, task: int, generator: torch.Generator | None = None) -> None:
+        """Advance to ``task`` (each new task's rows get the Gram–Schmidt initialisation); going back raises."""
+        if isinstance(task, bool) or not isinstance(task, int) or not self.task_count <= task < self.n_tasks:
+            raise ValueError(f"task: expected {self.task_count} <= task < n_tasks = {self.n_tasks}, got {task!r}")
+        while self.task_count < task:
+            self.process_task_count(generator)
+
     def layer_params(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """(keys (M, Dk), attn (M, Dk), prompt (M, Lp, D)) of a prompted layer."""
         return getattr(self, f"e_k_{layer}"), getattr(self, f"e_a_{layer}"), getattr(self, f"e_p_{layer}")

@@ -74,12 +74,8 @@ class CodaViT(nn.Module):
         return self.prompt.task_count
 
     def set_task(self, task: int, generator: torch.Generator | None = None) -> None:
-        """Advance to ``task`` (each new task's rows get the Gram–Schmidt initialisation); going back raises."""
-        if task < self.prompt.task_count or task >= self.prompt.n_tasks:
-            raise ValueError(f"task: expected {self.prompt.task_count} <= task < n_tasks = {self.prompt.n_tasks}, "
-                             f"got {task}")
-        while self.prompt.task_count < task:
-            self.prompt.process_task_count(generator)
+        """Advance to ``task`` (``FusedCodaPrompt.set_task``)."""
+        self.prompt.set_task(task, generator)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters CODA-Prompt trains: every layer's components, keys, attention vectors, and the head."""
