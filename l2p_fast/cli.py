@@ -50,6 +50,15 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--prompt-mask", "use_prompt_mask", {"action": argparse.BooleanOptionalAction, "default": None,
                                           "help": "L2P: train task t on prompts t·K … t·K+K−1 (default: off; "
                                                   "dualprompt on)"}),
+    ("--diversity", "diversity", {"action": "store_true", "default": None,
+                                  "help": "L2P: diversified selection in training (the paper's equation 4): the "
+                                          "query-key distance weighted by each prompt's selection frequency in "
+                                          "earlier tasks"}),
+    ("--shared-prompt-pool", "shared_prompt_pool", {"action": "store_true", "default": None,
+                                                    "help": "L2P: at the start of task t > 0 copy task t-1's prompt "
+                                                            "slots (ids (t-1)·K … t·K-1) into task t's"}),
+    ("--shared-prompt-key", "shared_prompt_key", {"action": "store_true", "default": None,
+                                                  "help": "L2P: the same copy for the keys"}),
     ("--head-type", "head_type", {"help": "L2P: token, prompt, token+prompt or gap (default prompt); dualprompt: "
                                           "token (default) or gap"}),
     ("--backend", "backend", {"help": "prompt-pool backend: auto, reference, cpu, cuda, triton"}),

@@ -51,9 +51,12 @@ DEFAULT_EPOCHS = 5
 # fields that do not change the numbers of a run (left out of the resume fingerprint)
 NON_RESULT_FIELDS = ("device", "num_threads", "num_workers", "checkpoint_every", "progress", "eval_batch_size")
 # result fields added after runs were checkpointed: left out of the fingerprint at these values, so those resume
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False, "validation_fraction": 0.0}
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "compile": False, "validation_fraction": 0.0,
+                                      "diversity": False, "shared_prompt_pool": False, "shared_prompt_key": False}
 PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwise_prompt", "use_prompt_mask",
-                 "head_type", "backend")
+                 "head_type", "backend", "diversity", "shared_prompt_pool", "shared_prompt_key")
+# L2P-only options (methods l2p, l2p+er): docs/behaviour.md §8 and §10
+L2P_ONLY_FIELDS = ("diversity", "shared_prompt_pool", "shared_prompt_key")
 EWC_FIELDS = ("ewc_lambda", "fisher_samples")
 REPLAY_FIELDS = ("buffer_per_class", "replay_batch_size")
 
@@ -93,6 +96,9 @@ class RunConfig:
     use_prompt_mask: bool | None = None
     head_type: str | None = None
     backend: str = "auto"
+    diversity: bool = False  # L2P's diversified selection in training (its equation 4)
+    shared_prompt_pool: bool = False  # copy task t-1's prompt slots into task t's at its start (the port's option)
+    shared_prompt_key: bool = False  # the same for the keys
     # EWC
     ewc_lambda: float = 1e5
     fisher_samples: int = 200
@@ -209,6 +215,9 @@ def validate_config(config: RunConfig) -> None:
     for name in ("batchwise_prompt", "use_prompt_mask"):
         if getattr(config, name) not in (True, False, None):
             raise ValueError(f"{name}: expected a bool or None, got {getattr(config, name)!r}")
+    for name in L2P_ONLY_FIELDS:  # other methods ignore them (as the pool settings for methods without prompts)
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name}: expected a bool, got {getattr(config, name)!r}")
     for name in ("classes_per_task", "train_per_class", "test_per_class", "epochs", "replay_batch_size", "top_k"):
         _check_int(name, getattr(config, name), 1, optional=True)
     _check_int("num_threads", config.num_threads, 1, optional=True)

@@ -3,16 +3,26 @@
 Loss = masked cross-entropy − λ · ``reduce_sim`` (the pull constraint, docs/behaviour.md §1). Text queries come
 from the trainer's feature cache (the frozen encoder's mean-pooled embedding, which is exactly
 ``L2PTextEncoder.query``); images compute theirs on the fly (augmentation changes every view).
+
+Options (docs/behaviour.md §8, §10):
+- ``diversity``: the method counts the prompt ids of every row it trains on (replayed rows included); at the end
+  of each task the task's counts are summed over the processes and added to those of earlier tasks, and the
+  normalised sum becomes the pool's ``prompt_frequency`` for the next tasks' training (evaluation never uses it).
+- ``shared_prompt_pool`` / ``shared_prompt_key``: the first training batch of task t > 0 first copies task
+  t−1's prompt slots / keys into task t's (``FusedPromptPool.share_previous_task``).
+Both states (the counts, the last task shared) are part of the method's checkpointed state.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backbones import Backbone
-from .base import Method
+from .base import Method, TaskEnd
 
 
 class L2P(Method):
@@ -25,6 +35,10 @@ class L2P(Method):
     def __init__(self, config: Any, backbone: Backbone, num_classes: int) -> None:
         self.uses_feature_cache = backbone.kind == "text"
         super().__init__(config, backbone, num_classes)
+        pool_size = config.pool_size
+        self.past_counts = torch.zeros(pool_size, dtype=torch.int64)  # selections in finished tasks (diversity)
+        self.task_counts = torch.zeros(pool_size, dtype=torch.int64)  # selections in the current task
+        self.shared_task = 0  # the last task whose slots were filled from the previous task's
 
     def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
         cfg = self.config
@@ -50,10 +64,59 @@ class L2P(Method):
             raise ValueError("method 'l2p' on images needs l2p_fast.models.L2PViT, which is not available") from error
         return L2PViT.from_timm(backbone.copy(), pretrained=False, **options)
 
+    @property
+    def pool(self) -> nn.Module:
+        """The model's ``FusedPromptPool``."""
+        return self.model.prompt
+
     def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
+        cfg = self.config
+        if train and task_id > self.shared_task and (cfg.shared_prompt_pool or cfg.shared_prompt_key):
+            self.pool.share_previous_task(task_id, prompts=cfg.shared_prompt_pool, keys=cfg.shared_prompt_key)
+            self.shared_task = task_id
         if self.kind == "text":
-            return self.model(**inputs, task_id=task_id, cls_features=cached, train=train)
-        return self.model(inputs, task_id=task_id, cls_features=cached, train=train)
+            out = self.model(**inputs, task_id=task_id, cls_features=cached, train=train)
+        else:
+            out = self.model(inputs, task_id=task_id, cls_features=cached, train=train)
+        if train and cfg.diversity and "prompt_idx" in out:
+            ids = out["prompt_idx"].detach().reshape(-1)
+            self.task_counts = self.task_counts.to(ids.device)  # counted where the ids are: no host sync
+            self.task_counts.scatter_add_(0, ids, torch.ones_like(ids))
+        return out
+
+    def end_task(self, info: TaskEnd) -> None:
+        super().end_task(info)
+        if not self.config.diversity:
+            return
+        counts = self.task_counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.pool.prompt.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            counts = counts.to(device)
+            dist.all_reduce(counts)  # every process calls end_task: the selections of the global batches
+        self.past_counts += counts.cpu()
+        self.task_counts = torch.zeros_like(self.past_counts)
+        self._set_frequency()
+
+    def _set_frequency(self) -> None:
+        """The pool's frequency: the normalised selections of the finished tasks (None before any)."""
+        total = int(self.past_counts.sum())
+        frequency = self.past_counts.double() / total if total > 0 else None
+        self.pool.set_prompt_frequency(None if frequency is None else frequency.to(self.pool.prompt.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(past_counts=self.past_counts.clone(), task_counts=self.task_counts.cpu().clone(),
+                     shared_task=self.shared_task)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        zeros = torch.zeros_like(self.past_counts)
+        self.past_counts = state.get("past_counts", zeros).clone()
+        self.task_counts = state.get("task_counts", zeros).clone()
+        self.shared_task = int(state.get("shared_task", 0))
+        if self.config.diversity:
+            self._set_frequency()
 
     def loss(self, out: dict[str, Any], labels: Tensor, class_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
         loss, parts = super().loss(out, labels, class_mask)

@@ -1,0 +1,50 @@
+"""L2P's training options in the trainer: ``diversity`` (docs/behaviour.md §8) and ``shared_prompt_pool`` /
+``shared_prompt_key`` (§10), on the tiny text benchmark: runs, counts, frequency, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2p_fast.continual.trainer import Trainer, train
+from l2p_fast.testing import Interrupted, interrupt_after
+
+
+def test_diversity_counts_and_sets_the_frequency(tiny_backbone, tmp_path, tiny_config):
+    cfg = tiny_config("l2p", tiny_backbone.name, diversity=True)
+    trainer = Trainer(cfg, tmp_path, backbone=tiny_backbone)
+    results = trainer.run()
+    method = trainer.method
+    # every trained row (4 classes x 4 examples x 2 epochs a task) counted with its K ids, for all 5 tasks
+    assert int(method.past_counts.sum()) == 5 * 4 * 4 * 2 * cfg.top_k
+    assert torch.equal(method.past_counts, torch.tensor(results["prompt_counts_train"]).sum(0))
+    frequency = method.pool.prompt_frequency
+    assert torch.allclose(frequency.double(), method.past_counts.double() / method.past_counts.sum())
+    plain = train(tiny_config("l2p", tiny_backbone.name), tmp_path / "plain", backbone=tiny_backbone)
+    assert plain["prompt_counts_train"][0] == results["prompt_counts_train"][0]  # task 0: nothing to penalise
+    assert plain["prompt_counts_train"] != results["prompt_counts_train"]
+
+
+def test_shared_prompt_key_alone_runs_every_task(tiny_backbone, tmp_path, tiny_config):
+    cfg = tiny_config("l2p", tiny_backbone.name, shared_prompt_key=True, use_prompt_mask=True, pool_size=10)
+    trainer = Trainer(cfg, tmp_path, backbone=tiny_backbone)
+    trainer.run()
+    assert trainer.method.shared_task == 4  # task 4's slots 8, 9 fit in M = 10: every task shared
+
+
+@pytest.mark.parametrize("stop", [23])
+def test_resume_with_the_options_reproduces_the_uninterrupted_run(stop, tiny_backbone, tmp_path, tiny_config):
+    cfg = tiny_config("l2p", tiny_backbone.name, diversity=True, shared_prompt_pool=True, shared_prompt_key=True,
+                      checkpoint_every=3)
+    full = Trainer(cfg, tmp_path / "full", backbone=tiny_backbone)
+    expected = full.run()
+    broken = Trainer(cfg, tmp_path / "cut", backbone=tiny_backbone, step_hook=interrupt_after(stop))
+    with pytest.raises(Interrupted):
+        broken.run()
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True, backbone=tiny_backbone)
+    got = resumed.run()
+    assert got["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert got["prompt_counts_train"] == expected["prompt_counts_train"]
+    assert torch.equal(resumed.method.past_counts, full.method.past_counts)
+    for (name, p), q in zip(full.method.model.named_parameters(), resumed.method.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
