@@ -78,7 +78,7 @@ def compare(
         return _compare(names, seed_list, runs, root, resume, backbone, plots, settings_file)
 
 
-def _finished(done: Path, config: RunConfig) -> dict[str, Any] | None:
+def finished_results(done: Path, config: RunConfig) -> dict[str, Any] | None:
     """The finished results in ``done`` when they belong to ``config``, else None."""
     if not done.exists():
         return None
@@ -102,7 +102,7 @@ def _compare(names: list[str], seeds: list[int] | None, runs: list[tuple[Path | 
     for folder_name, config in runs:
         folder = root / folder_name
         label = config.method if seeds is None else f"{config.method} (seed {config.seed})"
-        previous = _finished(folder / RESULTS_NAME, config) if resume else None
+        previous = finished_results(folder / RESULTS_NAME, config) if resume else None
         if previous is not None:
             log.info("%s: already finished, reading %s", label, folder / RESULTS_NAME)
             results.append(previous)
