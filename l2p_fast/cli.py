@@ -34,9 +34,11 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--image-size", "image_size", {"type": int}),
     ("--max-length", "max_length", {"type": int, "help": "text: tokens per example (truncation)"}),
     ("--epochs", "epochs", {"type": int, "help": "epochs per task (wordnet20 default: the demo budget)"}),
-    ("--batch-size", "batch_size", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int, "help": "the global training batch (under torchrun split over "
+                                                         "the processes)"}),
     ("--eval-batch-size", "eval_batch_size", {"type": int}),
-    ("--lr", "lr", {"type": float, "help": "Adam learning rate (default: per method)"}),
+    ("--lr", "lr", {"type": float, "help": "Adam learning rate for the global batch, not scaled with the number "
+                                           "of processes (default: per method)"}),
     ("--seed", "seed", {"type": int}),
     ("--clip-grad", "clip_grad", {"type": float, "help": "gradient-norm clipping (0: off)"}),
     ("--train-mask", "train_mask", {"help": "classes in the training loss: task, seen or all (default: per method)"}),
@@ -176,6 +178,7 @@ def run_command(args: argparse.Namespace) -> None:
     from .continual.output import ensure_writable_dir
     from .continual.preflight import check_backend, pick_device
     from .continual.report import comparison_table, diagnostics_table, write_run_plots
+    from .continual import distributed
     from .continual.seeds import parse_seeds
     from .continual.settings import load_settings
     from .continual.trainer import Trainer
@@ -188,9 +191,11 @@ def run_command(args: argparse.Namespace) -> None:
         base = {**settings["config"], **settings["methods"].get(args.method, {})}
         config = resolve(config_from_args(args, args.method, base))
         ensure_writable_dir(args.output, "output")
-        results = Trainer(config, args.output, resume=args.resume).run()
-        write_run_plots(results, args.output)
-        print(comparison_table([results]))
+        with distributed.session(pick_device(config.device)):  # under torchrun: one process of several
+            results = Trainer(config, args.output, resume=args.resume).run()
+            if distributed.is_main():
+                write_run_plots(results, args.output)
+                print(comparison_table([results]))
         return
     methods = parse_methods(args.methods or ",".join(settings["methods"]) or DEFAULT_METHODS)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -203,8 +208,11 @@ def run_command(args: argparse.Namespace) -> None:
         resolved = resolve(config_from_args(args, name, {**settings["config"], **own[name]}))
         check_backend(resolved, pick_device(resolved.device))
     ensure_writable_dir(args.output, "output")
-    results = compare(methods, config, args.output, seeds=seeds, method_settings=own, resume=args.resume,
-                      settings_file=args.settings)
+    with distributed.session(pick_device(resolve(config).device)):
+        results = compare(methods, config, args.output, seeds=seeds, method_settings=own, resume=args.resume,
+                          settings_file=args.settings)
+        if not distributed.is_main():
+            return
     print()
     print(comparison_table(results))
     diagnostics = diagnostics_table(results)

@@ -184,13 +184,9 @@ class Trainer:
             self._hold_folder(stack)
 
     def _hold_folder(self, stack: contextlib.ExitStack) -> None:
-        """Rank 0 locks the output folder (until ``stack`` closes) and checks it; every process gets its verdict."""
-
-        def hold() -> None:
-            stack.enter_context(run_lock(self.output))
-            self._check_folder()
-
-        distributed.from_main(hold, "checking the output folder")
+        """Lock the output folder (until ``stack`` closes) and check it: on rank 0, every process gets the verdict."""
+        stack.enter_context(run_lock(self.output))
+        distributed.from_main(self._check_folder, "checking the output folder")
 
     def _check_folder(self) -> None:
         refuse_earlier_run(self.output, self.resume)
@@ -329,7 +325,7 @@ class Trainer:
                    disable=not cfg.progress or not distributed.is_main())
 
         def checkpoint(pos: dict[str, int], optimizer: torch.optim.Optimizer | None) -> None:
-            if not distributed.is_main():
+            if not distributed.is_main():  # rank 0 writes (.output); the others skip the serialisation too
                 return
             save_checkpoint(
                 checkpoint_path,
@@ -433,8 +429,7 @@ class Trainer:
         if diagnostics:
             results["selection_diagnostics"] = diagnostics
         results["processes"] = distributed.world_size()
-        if distributed.is_main():
-            write_json(self.output / RESULTS_NAME, results)
+        write_json(self.output / RESULTS_NAME, results)  # rank 0 writes (.output)
         return results
 
     def _read_checkpoint(self, path: Path, sizes: list[int]) -> dict[str, Any] | None:
