@@ -9,7 +9,7 @@ recomputed, and the fact logged.
 
 On several processes (:mod:`.distributed`) every rank reads the file; when any rank lacks a valid
 one, the ranks compute the features together (each its share of the batches, summed exactly:
-every row comes from one rank, the others add zeros) and rank 0 writes the file.
+every row comes from one rank, the others add zeros) and rank 0 writes the file (:mod:`.output`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ def cached_features(backbone: Backbone, pool: Pool, cache_dir: str | Path, backb
     if not int(distributed.all_reduce_(missing, "reading the feature cache")):
         return found
     features = compute_features(backbone, pool, batch_size, device, progress)
-    if distributed.is_main():
-        atomic_torch_save({"features": features, "sha256": _digest(features)}, path)
+    atomic_torch_save({"features": features, "sha256": _digest(features)}, path)  # rank 0 writes
     return features
 
 

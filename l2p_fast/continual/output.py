@@ -7,6 +7,10 @@ uniquely named temporary file in the same folder (``.l2p-fast-tmp-<name>.<random
 renamed over the target, so a reader never sees a half-written file and two writers never share a
 temporary file. Temporary files left in the folder by a killed run are removed when the next run
 takes the lock.
+
+On several processes (:mod:`.distributed`) the processes of one run are one run: rank 0 takes the
+lock and every process gets its verdict (all fail alike when the folder is taken), and only rank 0
+writes files (:func:`write_bytes_atomic` and what builds on it are no-ops on the others).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import distributed
 
 LOCK_NAME = ".l2p-fast.lock"
 TEMP_PREFIX = ".l2p-fast-tmp-"
@@ -73,7 +79,16 @@ def refuse_earlier_run(folder: str | Path, resume: bool) -> None:
 
 @contextlib.contextmanager
 def run_lock(folder: str | Path) -> Iterator[None]:
-    """Hold the exclusive lock of ``folder`` inside the block; :class:`OutputError` names the holder if taken."""
+    """Hold the exclusive lock of ``folder`` inside the block; :class:`OutputError` names the holder if taken.
+
+    On several processes every process calls it: rank 0 holds the lock, the others share its verdict."""
+    with contextlib.ExitStack() as stack:
+        distributed.from_main(lambda: stack.enter_context(_flock(folder)), "locking the output folder")
+        yield
+
+
+@contextlib.contextmanager
+def _flock(folder: str | Path) -> Iterator[None]:
     path = Path(folder) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -101,8 +116,12 @@ def _write_all(file: io.BufferedWriter, data: bytes) -> None:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a unique temporary file, fsync and rename; ``OSError`` leaves no trace."""
+    """Write ``data`` to ``path`` through a unique temporary file, fsync and rename; ``OSError`` leaves no trace.
+
+    On several processes only rank 0 writes (the others return ``path`` at once)."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
     try:

@@ -44,10 +44,10 @@ def _worker(rank: int, init_file: str, bert_path: str, jobs: list[dict], out_dir
     backbone = load_text_backbone(bert_path)
     for job in jobs:
         digests: list[str] = []
-        trainer: Trainer | None = None
+        box: list[Trainer] = []
 
-        def hook(step: int, job: dict = job, digests: list[str] = digests) -> None:
-            digests.append(_digest(trainer))
+        def hook(step: int, job: dict = job, digests: list[str] = digests, box: list[Trainer] = box) -> None:
+            digests.append(_digest(box[0]))
             if rank == job.get("kill_rank") and step == job.get("kill_step"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -56,6 +56,7 @@ def _worker(rank: int, init_file: str, bert_path: str, jobs: list[dict], out_dir
         try:
             trainer = Trainer(RunConfig(**job["config"]), job["output"], resume=job.get("resume", False),
                               backbone=backbone, step_hook=hook)
+            box.append(trainer)
             record["results"] = trainer.run()
             record["params"] = {n: p.detach().clone() for n, p in trainer.method.model.named_parameters()
                                 if p.requires_grad}
@@ -132,11 +133,15 @@ def test_two_processes_reproduce_one(tiny_backbone, tiny_bert_path, tmp_path, ti
     for method, (one, results) in expected.items():
         _assert_same_run(one, results, _records(tmp_path, "same", method.replace("+", "_")))
         saved = tmp_path / "two" / method.replace("+", "_") / "results.json"
-        assert saved.exists()  # rank 0 wrote it; the folder holds one run's files
+        assert saved.exists()  # rank 0 wrote it
+    # sharded evaluation with shares of 3+2 and 1+0 items: every test item counted once (8 per task, top-k 2)
+    two = _records(tmp_path, "same", "l2p")[0]["results"]
+    assert [sum(row) for row in two["prompt_counts_test"]] == [8 * 2] * 5
     # the feature cache (seq-frozen's input, l2p's query) was computed by both processes and written once
     assert len(list((tmp_path / "two" / "seq-frozen" / "cache").glob("features-*.pt"))) == 2
 
 
+@pytest.mark.slow
 def test_killed_rank_stops_the_other_and_resume_completes(tiny_backbone, tiny_bert_path, tmp_path, tiny_config):
     cfg = tiny_config("l2p", tiny_bert_path, checkpoint_every=3)
     one = Trainer(cfg, tmp_path / "one", backbone=tiny_backbone)
@@ -152,3 +157,32 @@ def test_killed_rank_stops_the_other_and_resume_completes(tiny_backbone, tiny_be
     codes = _spawn(tmp_path, tiny_bert_path, [{**job, "resume": True, "kill_rank": None}], "resumed")
     assert codes == [0] * WORLD
     _assert_same_run(one, expected, _records(tmp_path, "resumed", "run"))
+
+
+@pytest.mark.slow
+def test_cli_compare_under_torchrun_matches_one_process(tiny_bert_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from l2p_fast.cli import main
+
+    args = ["compare", "--methods", "l2p,seq-frozen", "--backbone", tiny_bert_path, "--train-per-class", "4",
+            "--test-per-class", "2", "--epochs", "1", "--batch-size", "5", "--eval-batch-size", "5",
+            "--max-length", "12", "--pool-size", "6", "--top-k", "2", "--prompt-length", "2", "--seed", "3",
+            "--threads", "1", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "L2P_FAST_COLLECTIVE_TIMEOUT": "60"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+         "l2p_fast.cli", *args, "--output", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("results, plots and checkpoints in") == 1  # rank 0 prints the table
+    for method in ("l2p", "seq-frozen"):
+        one = json.loads((tmp_path / "one" / method / "results.json").read_text())
+        two = json.loads((tmp_path / "two" / method / "results.json").read_text())
+        assert (one["processes"], two["processes"]) == (1, WORLD)
+        for key in ("accuracy_matrix", "prompt_counts_train", "prompt_counts_test", "train_examples"):
+            assert two.get(key) == one.get(key), (method, key)
