@@ -101,6 +101,9 @@ def test_ids_are_checked_only_where_it_costs_no_sync(monkeypatch) -> None:
         ({"x_embed": torch.randn(3, 8)}, "x_embed: expected (B, N, D)"),
         ({"x_embed": torch.ones(3, 4, 8, dtype=torch.int32)}, "x_embed: expected a floating-point tensor"),
         ({"keys": torch.randn(6, 8, device="meta")}, "keys: expected device cpu, got meta"),
+        ({"frequency": torch.zeros(5)}, "frequency: expected shape (M,) = (6,), got (5,)"),
+        ({"frequency": torch.zeros(6, device="meta")}, "frequency: expected device cpu, got meta"),
+        ({"vote_counts": torch.zeros(6, 1, dtype=torch.int64)}, "vote_counts: expected shape (M,) = (6,), got (6, 1)"),
     ],
 )
 def test_pool_op_arguments(change: dict, message: str) -> None:
@@ -112,6 +115,18 @@ def test_pool_op_arguments(change: dict, message: str) -> None:
     args.update(change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_pool_op(**args)
+
+
+def test_selection_input_dtypes() -> None:
+    from l2p_fast.validation import validate_pool_op
+
+    args = {"x_embed": torch.randn(3, 4, 8), "prompt": torch.randn(6, 2, 8), "keys": torch.randn(6, 8),
+            "cls_features": None, "prompt_mask": None, "query_mode": 0, "top_k": 2}
+    with pytest.raises(TypeError, match="frequency: expected a floating-point tensor, got torch.int64"):
+        validate_pool_op(**args, frequency=torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="vote_counts: expected an integer tensor, got torch.float32"):
+        validate_pool_op(**args, vote_counts=torch.zeros(6))
+    validate_pool_op(**args, frequency=torch.zeros(6, dtype=torch.float64), vote_counts=torch.zeros(6, dtype=torch.int32))
 
 
 def test_prepend_op_arguments() -> None:
