@@ -64,7 +64,7 @@ def results_block(comparison: dict[str, Any]) -> str:
         BEGIN,
         f"{first['benchmark']}, {first['num_tasks']} tasks, {config.get('train_per_class')} training / "
         f"{config.get('test_per_class')} test examples per class, {config.get('epochs')} epoch(s) per task; "
-        f"seeds {', '.join(str(s) for s in seeds)} ({comparison.get('class_order', 'class order fixed')}); "
+        f"seeds {', '.join(str(s) for s in seeds)}, class order {comparison.get('class_order', 'fixed across seeds')}; "
         f"evaluated on the {comparison.get('evaluated_on', 'test set')}; precision {first.get('precision')}, "
         f"device {first.get('device')}" + (f"; per-method settings from `{settings}`." if settings else "."),
         "Mean ± sample standard deviation over the seeds. Learning accuracy: accuracy on each task right after "
