@@ -61,6 +61,11 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                                             "slots (ids (t-1)·K … t·K-1) into task t's"}),
     ("--shared-prompt-key", "shared_prompt_key", {"action": "store_true", "default": None,
                                                   "help": "L2P: the same copy for the keys"}),
+    ("--coda-components", "coda_components", {"type": int, "help": "CODA-Prompt: components over all tasks (M, "
+                                                                    "default 100: M / tasks per task)"}),
+    ("--coda-length", "coda_length", {"type": int, "help": "CODA-Prompt: even prompt length (Lp, default 8: half "
+                                                            "key, half value prefix)"}),
+    ("--ortho-mu", "ortho_mu", {"type": float, "help": "CODA-Prompt: orthogonality loss weight (default 0: off)"}),
     ("--head-type", "head_type", {"help": "L2P: token, prompt, token+prompt or gap (default prompt); dualprompt: "
                                           "token (default) or gap"}),
     ("--backend", "backend", {"help": "prompt-pool backend: auto, reference, cpu, cuda, triton"}),

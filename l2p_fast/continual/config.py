@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-METHODS = ("l2p", "l2p+er", "dualprompt", "seq", "seq-frozen", "ewc", "er", "joint")
+METHODS = ("l2p", "l2p+er", "dualprompt", "coda-prompt", "seq", "seq-frozen", "ewc", "er", "joint")
 PROMPT_METHODS = ("l2p", "l2p+er", "dualprompt")
 REPLAY_METHODS = ("er", "l2p+er")
 TRAIN_MASKS = ("task", "seen", "all")
@@ -27,6 +27,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "l2p": {"lr": 0.03, "train_mask": "task"},
     "l2p+er": {"lr": 0.03, "train_mask": "seen"},
     "dualprompt": {"lr": 0.03, "train_mask": "task"},
+    "coda-prompt": {"lr": 0.03, "train_mask": "task"},  # as l2p/dualprompt (methods/coda.py: why not the paper's 1e-3)
     "seq": {"lr": 1e-4, "train_mask": "seen"},
     "seq-frozen": {"lr": 0.01, "train_mask": "seen"},
     "ewc": {"lr": 1e-4, "train_mask": "seen"},
@@ -58,6 +59,7 @@ PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwis
 # L2P-only options (methods l2p, l2p+er): docs/behaviour.md §8 and §10
 L2P_ONLY_FIELDS = ("diversity", "shared_prompt_pool", "shared_prompt_key")
 EWC_FIELDS = ("ewc_lambda", "fisher_samples")
+CODA_FIELDS = ("coda_components", "coda_length", "ortho_mu")
 REPLAY_FIELDS = ("buffer_per_class", "replay_batch_size")
 
 
@@ -99,6 +101,10 @@ class RunConfig:
     diversity: bool = False  # L2P's diversified selection in training (its equation 4)
     shared_prompt_pool: bool = False  # copy task t-1's prompt slots into task t's at its start (the port's option)
     shared_prompt_key: bool = False  # the same for the keys
+    # CODA-Prompt (the paper's defaults: 100 components over all tasks, Lp 8 split key/value, layers 0-4, μ 0)
+    coda_components: int = 100
+    coda_length: int = 8
+    ortho_mu: float = 0.0
     # EWC
     ewc_lambda: float = 1e5
     fisher_samples: int = 200
@@ -137,7 +143,8 @@ class RunConfig:
         the finished runs of a ``compare --resume``.
         """
         skip = set(NON_RESULT_FIELDS)
-        groups = ((PROMPT_FIELDS, PROMPT_METHODS), (EWC_FIELDS, ("ewc",)), (REPLAY_FIELDS, REPLAY_METHODS))
+        groups = ((PROMPT_FIELDS, PROMPT_METHODS), (EWC_FIELDS, ("ewc",)), (REPLAY_FIELDS, REPLAY_METHODS),
+                  (CODA_FIELDS, ("coda-prompt",)))
         for group, methods in groups:
             if self.method not in methods:
                 skip.update(group)
@@ -231,6 +238,11 @@ def validate_config(config: RunConfig) -> None:
     _check_float("clip_grad", config.clip_grad, 0.0)
     _check_float("pull_lambda", config.pull_lambda, 0.0)
     _check_float("ewc_lambda", config.ewc_lambda, 0.0)
+    _check_int("coda_components", config.coda_components, 1)
+    _check_int("coda_length", config.coda_length, 2)
+    if config.coda_length % 2:
+        raise ValueError(f"coda_length: expected an even length (half keys, half values), got {config.coda_length}")
+    _check_float("ortho_mu", config.ortho_mu, 0.0)
     _check_float("validation_fraction", config.validation_fraction, 0.0)
     if config.validation_fraction >= 1.0:
         raise ValueError(f"validation_fraction: expected a number in [0, 1), got {config.validation_fraction!r}")

@@ -213,7 +213,7 @@ class Trainer:
         self.train_pool = build_pool(self.benchmark, "train", self.backbone.tokenizer, cfg.max_length)
         self.test_pool = build_pool(self.benchmark, "test", self.backbone.tokenizer, cfg.max_length)
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes)
+        self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes, self.benchmark.num_tasks)
         self.method.model.to(self.device)
         self.global_vote = cfg.batchwise_prompt and distributed.active()
         if self.global_vote:  # the batch vote counts the global batch, as one process would
@@ -555,6 +555,7 @@ class Trainer:
             tasks = pool.tasks[part]
             correct.index_add_(0, tasks, hit)
             totals.index_add_(0, tasks, torch.ones_like(hit))
+            self.method.observe_eval(out, tasks)  # this process's items (CODA's component weights)
             if "prompt_idx" in out:
                 flags[0] = 1
                 ids = out["prompt_idx"].cpu()
@@ -618,6 +619,7 @@ class Trainer:
             results["prompt_counts_test"] = counts_test.tolist()
         if self.method.buffer is not None:
             results["buffer_size"] = len(self.method.buffer)
+        results.update(self.method.results())
         return results
 
 

@@ -99,7 +99,12 @@ class CodaTextEncoder(nn.Module):
         self.backbone.eval()
         freeze_all_but(self, TRAINABLE)
 
-    train = L2PTextEncoder.train  # the frozen backbone stays in eval mode
+    def train(self, mode: bool = True) -> CodaTextEncoder:
+        """Set train/eval mode of prompts and head; the frozen backbone stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     tokenize = L2PTextEncoder.tokenize
     _check_ids = L2PTextEncoder._check_ids
     query = L2PTextEncoder.query  # prompt-free mean-pooled sentence embedding (B, D), no grad

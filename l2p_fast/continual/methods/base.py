@@ -75,6 +75,14 @@ class Method:
         if self.buffer is not None:
             self.buffer.add_task(info.indices, info.labels, info.gen)
 
+    def observe_eval(self, out: dict[str, Any], tasks: Tensor) -> None:
+        """Called on every evaluation batch with the model's output and the items' tasks (B,) (CODA records its
+        component weights); a no-op by default."""
+
+    def results(self) -> dict[str, Any]:
+        """Extra entries of the run's results (from the latest evaluation); none by default."""
+        return {}
+
     def model_state(self) -> dict[str, Tensor]:
         """The model tensors a checkpoint holds: trainable ones only when the backbone is frozen."""
         state = self.model.state_dict()
