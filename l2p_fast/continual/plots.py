@@ -95,36 +95,22 @@ def plot_task_accuracy(
     a mapping ``{method: accuracy matrix}`` (plots the average-accuracy curve of each method).
     ``reference`` ``{label: accuracy}`` adds dashed horizontal lines (e.g. the ``joint`` upper bound).
     """
-    fig = _new_figure(7.0, 4.5)
-    ax = fig.add_subplot()
-    if isinstance(results, Mapping):
+    if isinstance(results, Mapping):  # one run per method: the several-seeds plot with one seed each
         if not results:
             raise ValueError("results is an empty mapping: need at least one method")
-        for method, matrix in results.items():
-            curve = average_accuracy_curve(matrix)
-            steps = np.arange(1, len(curve) + 1)
-            ax.plot(steps, curve, marker="o", label=f"{method} (final {curve[-1]:.1f})")
-        ax.set_ylabel("average accuracy on seen tasks (%)")
-    else:
-        acc = as_accuracy_matrix(results)
-        num = acc.shape[0]
-        for i in range(num):
-            steps = np.arange(i + 1, num + 1)
-            ax.plot(steps, acc[i:, i], marker=".", linewidth=1.0, alpha=0.8, label=f"task {i}")
-        curve = average_accuracy_curve(acc)
-        ax.plot(
-            np.arange(1, num + 1),
-            curve,
-            color="black",
-            linewidth=2.5,
-            marker="o",
-            label=f"average (final {curve[-1]:.1f})",
-        )
-        ax.set_ylabel("accuracy (%)")
-    for label, value in (reference or {}).items():
-        ax.axhline(float(value), linestyle="--", color="grey", linewidth=1.2)
-        ax.annotate(f"{label} {float(value):.1f}", (1.0, float(value)), xycoords=("axes fraction", "data"),
-                    ha="right", va="bottom", fontsize=8, color="grey")
+        return plot_accuracy_spread({method: [matrix] for method, matrix in results.items()}, path, title, reference)
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    acc = as_accuracy_matrix(results)
+    num = acc.shape[0]
+    for i in range(num):
+        steps = np.arange(i + 1, num + 1)
+        ax.plot(steps, acc[i:, i], marker=".", linewidth=1.0, alpha=0.8, label=f"task {i}")
+    curve = average_accuracy_curve(acc)
+    ax.plot(np.arange(1, num + 1), curve, color="black", linewidth=2.5, marker="o",
+            label=f"average (final {curve[-1]:.1f})")
+    ax.set_ylabel("accuracy (%)")
+    _reference_lines(ax, reference)
     ax.set_xlabel("tasks learned")
     ax.set_ylim(0, 100)
     ax.xaxis.get_major_locator().set_params(integer=True)
