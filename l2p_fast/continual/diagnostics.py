@@ -14,7 +14,7 @@ example). Figures:
 * **key–query similarity**: the pull term ``reduce_sim`` (Σ cos(query, selected keys) / B) averaged per
   epoch; divided by K it is the mean cosine between a query and a selected key.
 * **component mass** (CODA-Prompt, ``component_mass_test`` (T, M)): the share (%) of task ``t``'s test
-  weight mass on task ``t``'s own components, the M entries split evenly over the T tasks.
+  weight mass on task ``t``'s own components, ⌊M/T⌋ per task in order.
 """
 
 from __future__ import annotations
@@ -102,11 +102,12 @@ def usage_overlap(counts: Any) -> list[list[float | None]]:
 
 
 def component_mass_share(mass: Any) -> list[float | None]:
-    """CODA-Prompt: per task, the share (%) of its test weight mass (T, M) on its own M/T components."""
+    """CODA-Prompt: per task, the share (%) of its test weight mass (T, M) on its own F = ⌊M/T⌋ components
+    (task t owns rows t·F … t·F+F−1; rows from T·F on belong to no task)."""
     array = _counts(mass, "component_mass")
     num, width = array.shape
-    if width % num:
-        raise ValueError(f"component_mass: expected M divisible by the {num} tasks, got M = {width}")
+    if width < num:
+        raise ValueError(f"component_mass: expected at least one component per task ({num}), got M = {width}")
     per_task = width // num
     out: list[float | None] = []
     for t, row in enumerate(array):

@@ -63,8 +63,11 @@ def test_component_mass_share_and_key_query_similarity():
     # 2 tasks, 4 components: task 0 owns 0-1, task 1 owns 2-3
     assert component_mass_share([[3.0, 1.0, 0.0, 4.0], [1.0, 1.0, 1.0, 1.0]]) == [pytest.approx(50.0),
                                                                                pytest.approx(50.0)]
-    with pytest.raises(ValueError, match="divisible"):
-        component_mass_share([[1.0, 2.0, 3.0]] * 2)
+    # 2 tasks, 5 components: 2 per task, the last row belongs to no task (CODA-Prompt's floor(M / T))
+    assert component_mass_share([[1.0, 1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 3.0, 1.0, 0.0]]) == [pytest.approx(50.0),
+                                                                                          pytest.approx(100.0)]
+    with pytest.raises(ValueError, match="at least one component per task"):
+        component_mass_share([[1.0, 2.0]] * 3)
     assert key_query_similarity([[1.0, 1.5], [0.5, 2.0]], 2) == [[0.5, 0.75], [0.25, 1.0]]
 
 
