@@ -275,10 +275,10 @@ def barrier(what: str = "waiting for the other processes") -> None:
             dist.barrier()
 
 
-def use_global_vote(model: torch.nn.Module) -> int:
+def use_global_vote(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Make every batch-voting prompt pool in ``model`` vote over the global batch of all processes: sets
-    its ``vote_group`` to the default group. Returns the number of pools set; raises when a pool votes per
-    batch but cannot vote globally (a run on several processes would then be another method)."""
+    its ``vote_group`` to the default group. Returns the pools set; raises when a pool votes per batch but
+    cannot vote globally (a run on several processes would then be another method)."""
     voting = [m for m in model.modules()  # the pools: their prompts are a parameter (the models hold the pool)
               if getattr(m, "batchwise_prompt", False) is True
               and isinstance(getattr(m, "prompt", None), torch.nn.Parameter)]
@@ -290,4 +290,21 @@ def use_global_vote(model: torch.nn.Module) -> int:
         )
     for module in voting:
         module.vote_group = dist.group.WORLD
-    return len(voting)
+    return voting
+
+
+def join_vote(pools: Sequence[torch.nn.Module], mask_task: int | None = None) -> None:
+    """A process whose share of a global batch is empty takes part in the global vote all the same: each pool
+    of ``pools`` (from :func:`use_global_vote`) runs on zero rows, adding zero counts (docs/behaviour.md §9).
+
+    ``mask_task``: the task id when the model's forward passes its task's prompt mask (L2P's
+    ``use_prompt_mask`` in training); a pool given a mask does not vote, so there is nothing to join."""
+    from ..models.common import task_prompt_mask
+
+    with torch.no_grad():
+        for pool in pools:
+            prompt = pool.prompt
+            if mask_task is not None and task_prompt_mask(mask_task, pool.top_k, pool.pool_size, 0,
+                                                          prompt.device) is not None:
+                continue
+            pool(prompt.new_zeros(0, 1, prompt.shape[-1]), cls_features=prompt.new_zeros(0, prompt.shape[-1]))

@@ -215,9 +215,9 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.method: Method = make_method(cfg, self.backbone, self.benchmark.num_classes, self.benchmark.num_tasks)
         self.method.model.to(self.device)
-        self.global_vote = cfg.batchwise_prompt and distributed.active()
-        if self.global_vote:  # the batch vote counts the global batch, as one process would
-            distributed.use_global_vote(self.method.model)
+        # the batch vote counts the global batch, as one process would
+        self.voting_pools = distributed.use_global_vote(self.method.model) if (
+            cfg.batchwise_prompt and distributed.active()) else []
         if cfg.compile:  # the instance's forward, so state-dict keys and checkpoints are unchanged
             self.method.model.forward = torch.compile(self.method.model.forward)
         log.info("%s on %s: precision %s (requested %s), compile %s, backend %s", cfg.method, self.device,
@@ -468,24 +468,18 @@ class Trainer:
                 extra[5:] = torch.bincount(ids, minlength=pool_size).double()
             extra[4] = 1.0
         else:
-            self._join_collectives(part, size, task_id, True, self.train_pool, self.train_cache)
+            self._join_collectives(task_id, train=True)
         extra = distributed.all_reduce_grads(params, extra)
         parts = {"reduce_sim": float(extra[1])} if extra[2] > 0 else {}
         selected = extra[5:].round().long() if extra[3] > 0 else None
         return float(extra[0]), parts, selected
 
-    def _join_collectives(self, part: Tensor, size: int, task_id: int, train: bool, pool: Pool,
-                          cache: Tensor | None) -> None:
+    def _join_collectives(self, task_id: int, train: bool) -> None:
         """An empty share of a global batch (fewer items than processes) still takes part in the collectives of
-        the forward (the global prompt vote): a forward on no items, without gradients."""
-        if not self.global_vote:
-            return
-        inputs = None
-        if self.method.needs_inputs:
-            one = pool.collate(torch.zeros(1, dtype=torch.long), self.device)
-            inputs = {k: v[:0] for k, v in one.items()} if isinstance(one, dict) else one[:0]
-        with torch.no_grad():
-            self._forward(part, task_id, train, pool, cache, inputs)
+        the forward: the global prompt vote, unless the model passes its task's prompt mask (training)."""
+        if self.voting_pools:
+            masked = train and bool(getattr(self.method.model, "use_prompt_mask", False))
+            distributed.join_vote(self.voting_pools, task_id if masked else None)
 
     def _with_replay(self, batch: Tensor, phase: int, epoch: int, step: int) -> Tensor:
         """The step's batch plus its replayed items (drawn from a generator seeded by the step)."""
@@ -518,7 +512,7 @@ class Trainer:
                 loss = Method.loss(self.method, out, labels[part.to(self.device)], mask)[0]
                 (loss * (len(part) / len(indices))).backward()
             else:
-                self._join_collectives(part, len(indices), phase.task_id, True, self.train_pool, self.train_cache)
+                self._join_collectives(phase.task_id, train=True)
             distributed.all_reduce_grads(self.method.trainable_parameters())
 
         return backward_on
@@ -543,7 +537,7 @@ class Trainer:
         for part, inputs in zip(tqdm(parts, desc=f"{cfg.method} eval", unit="batch", leave=False,
                                      disable=not cfg.progress or not distributed.is_main()), loaded, strict=True):
             if not len(part):
-                self._join_collectives(part, 0, -1, False, pool, self.test_cache)
+                self._join_collectives(-1, train=False)
                 continue
             out = self._forward(part, -1, False, pool, self.test_cache, inputs)
             logits = out["logits"][:, :seen]

@@ -111,29 +111,32 @@ def _assert_same_run(one: Trainer, expected: dict, records: list[dict]) -> None:
 
 
 # batch 5 / eval batch 5 on 16 training and 8·t test items per task: shards of 3+2 and a last batch of
-# one item, so one process has an empty share (training and evaluation)
+# one item, so one process has an empty share (training and evaluation); "vote": the batch-wise vote,
+# global over the processes (the empty share joins the vote's collective)
 CASES = {
-    "l2p": {"batch_size": 5, "eval_batch_size": 5},
-    "l2p+er": {},
-    "ewc": {"fisher_samples": 7},
-    "seq-frozen": {"eval_batch_size": 5},
+    "l2p": ("l2p", {"batch_size": 5, "eval_batch_size": 5}),
+    "vote": ("l2p", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": True}),
+    "vote_mask": ("l2p", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": True, "use_prompt_mask": True}),
+    "l2p_er": ("l2p+er", {}),
+    "ewc": ("ewc", {"fisher_samples": 7}),
+    "seq-frozen": ("seq-frozen", {"eval_batch_size": 5}),
 }
 
 
 def test_two_processes_reproduce_one(tiny_backbone, tiny_bert_path, tmp_path, tiny_config):
     jobs, expected = [], {}
-    for method, overrides in CASES.items():
+    for name, (method, overrides) in CASES.items():
         cfg = tiny_config(method, tiny_bert_path, **overrides)
-        one = Trainer(cfg, tmp_path / "one" / method.replace("+", "_"), backbone=tiny_backbone)
-        expected[method] = (one, one.run())
-        jobs.append({"name": method.replace("+", "_"), "config": cfg.to_dict(),
-                     "output": str(tmp_path / "two" / method.replace("+", "_"))})
+        one = Trainer(cfg, tmp_path / "one" / name, backbone=tiny_backbone)
+        expected[name] = (one, one.run())
+        jobs.append({"name": name, "config": cfg.to_dict(), "output": str(tmp_path / "two" / name)})
     codes = _spawn(tmp_path, tiny_bert_path, jobs, "same")
     assert codes == [0] * WORLD
-    for method, (one, results) in expected.items():
-        _assert_same_run(one, results, _records(tmp_path, "same", method.replace("+", "_")))
-        saved = tmp_path / "two" / method.replace("+", "_") / "results.json"
-        assert saved.exists()  # rank 0 wrote it
+    for name, (one, results) in expected.items():
+        _assert_same_run(one, results, _records(tmp_path, "same", name))
+        assert (tmp_path / "two" / name / "results.json").exists()  # rank 0 wrote it
+    # the vote picks one prompt set per global batch: top_k distinct ids, as in one process
+    assert expected["vote"][1]["prompt_counts_train"] != expected["l2p"][1]["prompt_counts_train"]
     # sharded evaluation with shares of 3+2 and 1+0 items: every test item counted once (8 per task, top-k 2)
     two = _records(tmp_path, "same", "l2p")[0]["results"]
     assert [sum(row) for row in two["prompt_counts_test"]] == [8 * 2] * 5

@@ -98,9 +98,9 @@ def test_use_global_vote_needs_a_pool_that_can(tmp_path):
         pool = OldPool()
         pool.vote_group = None
         pool.batchwise_prompt = False  # no vote: left alone
-        assert distributed.use_global_vote(nn.Sequential(pool)) == 0 and pool.vote_group is None
+        assert distributed.use_global_vote(nn.Sequential(pool)) == [] and pool.vote_group is None
         pool.batchwise_prompt = True
-        assert distributed.use_global_vote(nn.Sequential(pool)) == 1
+        assert distributed.use_global_vote(nn.Sequential(pool)) == [pool]
         assert pool.vote_group is torch.distributed.group.WORLD
         with pytest.raises(RuntimeError, match="already initialised"):
             distributed.init("cpu", init_method=f"file://{tmp_path / 'again'}", world_size=1, rank=0)
