@@ -5,11 +5,12 @@ token slice of the output while reducing them to the query — normalises the qu
 scores (B, M) in the compute dtype (fp32, or fp64 for fp64 inputs), picks the top-K by a rank count
 (rank(m) = #{j: s_j > s_m or (s_j == s_m and j < m)}; selected iff rank < K, slot = rank: the lower
 id wins ties) and, in per-sample mode, gathers the selected prompts into the output in the same
-launch. With the batch vote, ``vote_gather_kernel`` counts the per-row top-K ids over the M ids (or
-reads the counts given: the global vote, docs/behaviour.md §9), ranks the counts the same way (more
-votes first, lower id first) and gathers. With frequencies (the diversified selection, §8) the rank
-count compares the penalised score −max(1 − s, 0)·h first, then the similarity. No host sync, fixed
-output shapes. Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
+launch. With the batch vote, ``vote_gather_kernel`` counts the per-row top-K ids over the M ids,
+ranks the counts the same way (more votes first, lower id first) and gathers. Given vote counts (the
+global vote, docs/behaviour.md §9) are ranked by one device sort in the launcher and enter as a mask.
+With frequencies (the diversified selection, §8) the rank count compares the penalised score
+−max(1 − s, 0)·h first, then the similarity. No host sync, fixed output shapes.
+Shapes: B batch, N tokens, D width, M pool, K top-k, Lp prompt length.
 """
 
 import triton
@@ -174,13 +175,12 @@ def select_kernel(
     x_ptr, sxb, sxn, sxd, cls_ptr, scb, scd, prompt_ptr, keys_ptr, skm, skd, mask_ptr, smb, smk, freq_ptr,
     idx_ptr, pnorm_ptr, xn_ptr, sim_ptr, sel_ptr, pull_ptr, out_ptr, kss_ptr, qss_ptr, argmax_ptr,
     N, D, M, K, LP,
-    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, GATHER: tl.constexpr, SELECT: tl.constexpr, COPY: tl.constexpr,
-    HAS_FREQ: tl.constexpr,
+    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, GATHER: tl.constexpr, COPY: tl.constexpr, HAS_FREQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Program b: tokens → out (if COPY) and query; normalise; similarity row; top-K (if SELECT; diversified by
-    freq_ptr (M,) if HAS_FREQ) or mask → idx; gather if GATHER.
+    """Program b: tokens → out (if COPY) and query; normalise; similarity row; top-K (diversified by freq_ptr (M,)
+    if HAS_FREQ) or mask → idx; gather if GATHER.
 
     QUERY: 0 mean, 1 max, 2 max + 2·mean, 3 cls_features. idx_ptr (B, K) gets the per-row top-K
     (the batch vote then overwrites it in ``vote_gather_kernel``). pull_ptr (B,): Σ_k ⟨key, xn⟩.
@@ -246,7 +246,7 @@ def select_kernel(
             ids = tl.load(mask_ptr + b * smb + kk * smk, mask=kk < K, other=0).to(tl.int64)
             ids = tl.minimum(tl.maximum(ids, 0), M - 1)  # out-of-range ids are clamped, as in every backend
             tl.store(idx_row + kk, ids, mask=kk < K)
-    elif SELECT:
+    else:
         tl.debug_barrier()
         _rank_select(sim_ptr + b * M, freq_ptr, idx_row, M, K, BLOCK_M, HAS_FREQ)
     if GATHER:
@@ -262,34 +262,29 @@ def select_kernel(
 def vote_gather_kernel(
     top_ptr, counts_ptr, idx_ptr, prompt_ptr, keys_ptr, skm, skd, xn_ptr, sel_ptr, pull_ptr, out_ptr,
     B, N, D, M, K, LP,
-    HAS_COUNTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """Program b: count the per-row top-K ids top (B, K) over M ids, rank them, gather row b.
 
     counts_ptr (B, M) int32 is private scratch (row b belongs to program b), so every program
-    derives the same winners with no cross-program communication. HAS_COUNTS: counts_ptr holds the
-    counts (M,) to rank (the global vote's all-reduced counts); top_ptr is not read.
+    derives the same winners with no cross-program communication.
     """
     CT: tl.constexpr = xn_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    if HAS_COUNTS:
-        counts_row = counts_ptr
-    else:
-        counts_row = counts_ptr + b * M
-        total = B * K
-        for m0 in range(0, M, BLOCK_M):
-            m = m0 + offs_m
-            c = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            for r0 in range(0, total, BLOCK_R):
-                r = r0 + offs_r
-                ids = tl.load(top_ptr + r, mask=r < total, other=-1)
-                c += tl.sum((ids[None, :] == m[:, None]).to(tl.int32), 1)
-            tl.store(counts_row + m, c, mask=m < M)
-        tl.debug_barrier()
+    counts_row = counts_ptr + b * M
+    total = B * K
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + offs_m
+        c = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for r0 in range(0, total, BLOCK_R):
+            r = r0 + offs_r
+            ids = tl.load(top_ptr + r, mask=r < total, other=-1)
+            c += tl.sum((ids[None, :] == m[:, None]).to(tl.int32), 1)
+        tl.store(counts_row + m, c, mask=m < M)
+    tl.debug_barrier()
     idx_row = idx_ptr + b * K
     _rank_select(counts_row, counts_row, idx_row, M, K, BLOCK_M, False)
     tl.debug_barrier()

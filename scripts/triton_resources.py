@@ -233,7 +233,7 @@ def recording(sink: list, label: Callable[[], str], full_autotune: bool = True) 
 
 
 LAUNCHERS = {  # module: the launchers it must have
-    "l2p_fast.ops.pool_triton": ("launch_pool_forward", "launch_prepend", "launch_grad_prompt",
+    "l2p_fast.ops.pool_triton": ("launch_pool_forward", "launch_vote_counts", "launch_prepend", "launch_grad_prompt",
                                  "launch_grad_similarity", "launch_grad_x"),
     "l2p_fast.ops.assemble_triton": ("launch_assemble", "launch_prompt_grad"),
     "l2p_fast.ops.prefix_gather_triton": ("launch_gather", "launch_gather_grad"),
@@ -267,6 +267,14 @@ def _pool_scenarios(pool, shape: Shape, dtypes: tuple, full: bool) -> Iterator[t
             pool.launch_pool_forward(x, prompt, keys, cls if mode == 3 else None, mask if masked else None,
                                      mode, K, batchwise)
         yield f"forward mode={mode} mask={masked} vote={batchwise}", forward
+    freq, counts = torch.zeros((M,), dtype=p_dtype), torch.zeros((M,), dtype=torch.int64)
+    for mode, batchwise in itertools.product((0, 1, 2, 3), (False, True)):
+        def selection(mode=mode, batchwise=batchwise):  # diversified selection; with the vote: given counts
+            pool.launch_pool_forward(x, prompt, keys, cls if mode == 3 else None, None, mode, K, batchwise, freq,
+                                     counts if batchwise else None)
+        yield f"forward mode={mode} frequency vote_counts={batchwise}", selection
+        yield f"vote counts mode={mode} frequency={batchwise}", lambda mode=mode, batchwise=batchwise: (
+            pool.launch_vote_counts(x, keys, cls if mode == 3 else None, freq if batchwise else None, mode, K))
     idx = torch.zeros((B, K), dtype=torch.int64)
     grad_out = torch.empty((B, K * LP + N, D), dtype=out_dtype)
     small = [torch.empty(s, dtype=ct) for s in ((M, D), (B, D), (B, M), (B, K, D), ())]

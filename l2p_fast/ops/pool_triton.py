@@ -73,8 +73,10 @@ def launch_pool_forward(
     key_sumsq = new((pool_size,), dtype=ct)
     query_sumsq = new((batch,), dtype=ct)
     argmax = new((batch, width) if takes_token_max(query_mode) else (0,), dtype=torch.int32)
+    if batchwise and prompt_mask is None and vote_counts is not None:  # the global vote: the winners of the given
+        winners = torch.sort(vote_counts, descending=True, stable=True).indices[:k]  # counts, by count then id,
+        prompt_mask = winners.unsqueeze(0).expand(batch, k)  # enter as a mask (one sort of M ints, no sync)
     vote = batchwise and prompt_mask is None
-    given_counts = vote and vote_counts is not None
     top = new((batch, k), dtype=torch.int64) if vote else idx
     cls = cls_features if query_mode == QUERY_FROM_CLS else x_embed[:, 0]
     mask = prompt_mask if prompt_mask is not None else idx
@@ -85,17 +87,14 @@ def launch_pool_forward(
             x_embed, *x_embed.stride(), cls, *cls.stride(), prompt, keys, *keys.stride(), mask, *mask.stride(), freq,
             top, prompt_norm, x_norm, similarity, selected, pull, out, key_sumsq, query_sumsq, argmax,
             tokens, width, pool_size, k, length,
-            QUERY=query_mode, HAS_MASK=prompt_mask is not None, GATHER=not vote, SELECT=not given_counts, COPY=True,
-            HAS_FREQ=frequency is not None, **blocks,
+            QUERY=query_mode, HAS_MASK=prompt_mask is not None, GATHER=not vote, COPY=True,
+            HAS_FREQ=frequency is not None and prompt_mask is None, **blocks,
         )
         if vote:
-            if given_counts:
-                counts = vote_counts.to(torch.int64).contiguous()
-            else:
-                counts = new((batch, pool_size), dtype=torch.int32)
+            counts = new((batch, pool_size), dtype=torch.int32)
             fwd.vote_gather_kernel[(batch,)](
                 top, counts, idx, prompt, keys, *keys.stride(), x_norm, selected, pull, out,
-                batch, tokens, width, pool_size, k, length, HAS_COUNTS=given_counts,
+                batch, tokens, width, pool_size, k, length,
                 BLOCK_M=blocks["BLOCK_M"], BLOCK_R=pow2(batch * k, high=1024 if big_blocks() else 64),
                 BLOCK_D=blocks["BLOCK_D"], BLOCK_S=blocks["BLOCK_S"], BLOCK_E=blocks["BLOCK_E"],
                 num_warps=blocks.get("num_warps", 4),
@@ -117,8 +116,8 @@ def launch_vote_counts(
     batch, tokens, width = x_embed.shape
     ct = compute_dtype(x_embed.dtype, keys.dtype)
     new = functools.partial(torch.empty, device=x_embed.device)
-    top = new((batch, top_k), dtype=torch.int64)
-    x_norm = new((batch, width), dtype=ct)
+    top = torch.zeros((batch, top_k), dtype=torch.int64, device=x_embed.device)  # every slot written; zeros: ids
+    x_norm = new((batch, width), dtype=ct)  # in range even where the launch is only recorded (triton_resources)
     similarity = new((batch, pool_size), dtype=ct)
     prompt_norm = new((pool_size, width), dtype=ct)
     key_sumsq = new((pool_size,), dtype=ct)
@@ -132,7 +131,7 @@ def launch_vote_counts(
             x_embed, *x_embed.stride(), cls, *cls.stride(), stand_in, keys, *keys.stride(), top, *top.stride(), freq,
             top, prompt_norm, x_norm, similarity, x_norm, query_sumsq, x_norm, key_sumsq, query_sumsq, argmax,
             tokens, width, pool_size, top_k, 1,
-            QUERY=query_mode, HAS_MASK=False, GATHER=False, SELECT=True, COPY=False,
+            QUERY=query_mode, HAS_MASK=False, GATHER=False, COPY=False,
             HAS_FREQ=frequency is not None, **blocks,
         )
     counts = torch.zeros(pool_size, dtype=torch.int64, device=x_embed.device)
