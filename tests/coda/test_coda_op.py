@@ -20,21 +20,21 @@ CONFIGS = [(3, 7, 6, 4, 5, 2, 4), (1, 16, 10, 8, 12, 0, 10), (5, 33, 9, 3, 17, 0
            (2, 130, 20, 6, 40, 5, 15)]
 
 
-def _inputs(config, dtype=torch.float64, seed=0):
+def _inputs(config, dtype=torch.float64, seed=0, device="cpu"):
     batch, key_dim, pool, length, width, _, _ = config
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, key_dim, generator=g, dtype=torch.float64)
     keys = torch.randn(pool, key_dim, generator=g, dtype=torch.float64)
     attn = torch.randn(pool, key_dim, generator=g, dtype=torch.float64)
     prompt = torch.randn(pool, length, width, generator=g, dtype=torch.float64)
-    return [t.to(dtype).requires_grad_(True) for t in (q, keys, attn, prompt)]
+    return [t.to(device, dtype).requires_grad_(True) for t in (q, keys, attn, prompt)]
 
 
 def _run(backend, inputs, start, stop, seed=1):
     mixed, weights = coda_prompt(*inputs, start, stop, backend=backend)
     g = torch.Generator().manual_seed(seed)
-    gm = torch.randn(mixed.shape, generator=g, dtype=torch.float64).to(mixed.dtype)
-    gw = torch.randn(weights.shape, generator=g, dtype=torch.float64).to(weights.dtype)
+    gm = torch.randn(mixed.shape, generator=g, dtype=torch.float64).to(mixed.device, mixed.dtype)
+    gw = torch.randn(weights.shape, generator=g, dtype=torch.float64).to(weights.device, weights.dtype)
     grads = torch.autograd.grad((mixed * gm).sum() + (weights * gw).sum(), inputs)
     return (mixed, weights, *grads)
 
@@ -42,10 +42,10 @@ def _run(backend, inputs, start, stop, seed=1):
 NAMES = ("mixed", "weights", "grad q", "grad keys", "grad attn", "grad prompt")
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fp64_matches_reference(backend: str, config: tuple) -> None:
-    inputs = _inputs(config)
+def test_fp64_matches_reference(fused_backend_device: tuple, config: tuple) -> None:
+    backend, device = fused_backend_device
+    inputs = _inputs(config, device=device)
     got = _run(backend, inputs, *config[5:])
     want = _run("reference", inputs, *config[5:])
     for name, a, b in zip(NAMES, got, want, strict=True):
@@ -56,13 +56,13 @@ def test_fp64_matches_reference(backend: str, config: tuple) -> None:
         assert not grad[:start].any() and not grad[stop:].any()
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS[:3])
-def test_low_precision_against_fp64_truth(backend: str, dtype: torch.dtype, config: tuple) -> None:
-    truth = _run("reference", _inputs(config), *config[5:])
-    low = _run("reference", _inputs(config, dtype), *config[5:])
-    got = _run(backend, _inputs(config, dtype), *config[5:])
+def test_low_precision_against_fp64_truth(fused_backend_device: tuple, dtype: torch.dtype, config: tuple) -> None:
+    backend, device = fused_backend_device
+    truth = _run("reference", _inputs(config, device=device), *config[5:])
+    low = _run("reference", _inputs(config, dtype, device=device), *config[5:])
+    got = _run(backend, _inputs(config, dtype, device=device), *config[5:])
     for name, a, lo, t in zip(NAMES, got, low, truth, strict=True):
         assert a.dtype == dtype, name
         # the mix and its gradients sum F (or B) terms: the floor is relative to the sum of their magnitudes
@@ -82,9 +82,9 @@ def test_no_query_grad_and_unused_weights(backend: str) -> None:
         torch.testing.assert_close(a, b, **TOL64)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_deterministic(backend: str) -> None:
-    inputs = _inputs(CONFIGS[4], torch.float32)
+def test_deterministic(fused_backend_device: tuple) -> None:
+    backend, device = fused_backend_device
+    inputs = _inputs(CONFIGS[4], torch.float32, device=device)
     first = _run(backend, inputs, *CONFIGS[4][5:])
     second = _run(backend, inputs, *CONFIGS[4][5:])
     for a, b in zip(first, second, strict=True):
