@@ -102,6 +102,18 @@ def test_use_global_vote_needs_a_pool_that_can(tmp_path):
         pool.batchwise_prompt = True
         assert distributed.use_global_vote(nn.Sequential(pool)) == [pool]
         assert pool.vote_group is torch.distributed.group.WORLD
+        from l2p_fast import FusedPromptPool
+        from l2p_fast.dualprompt.eprompt import FusedEPrompt
+
+        fused = FusedPromptPool(length=2, embed_dim=8, prompt_pool=True, prompt_key=True, pool_size=4, top_k=2,
+                                batchwise_prompt=True)
+        assert distributed.use_global_vote(nn.Sequential(fused)) == [fused]
+        assert fused.vote_group is torch.distributed.group.WORLD
+        eprompt = FusedEPrompt(length=2, embed_dim=8, prompt_pool=True, prompt_key=True, pool_size=4, top_k=1,
+                               batchwise_prompt=True)
+        if not hasattr(eprompt, "vote_group"):  # DualPrompt's E-prompt selection votes per process only
+            with pytest.raises(RuntimeError, match="FusedEPrompt"):
+                distributed.use_global_vote(nn.Sequential(eprompt))
         with pytest.raises(RuntimeError, match="already initialised"):
             distributed.init("cpu", init_method=f"file://{tmp_path / 'again'}", world_size=1, rank=0)
     finally:
