@@ -65,12 +65,13 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=16)
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
     options = {"method": args.method, "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
-               "batch_size": args.batch_size, "epochs": 1, "seed": 0}
+               "batch_size": args.batch_size, "epochs": 1, "seed": 0, "precision": args.precision}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         _run(0, 1, 1, options, folder, None)  # also fills the feature cache the other runs read
@@ -79,7 +80,8 @@ def main() -> None:
                            start_method="spawn")
         for name in ("1x1-rank0", "1x2-rank0", "2x1-rank0", "2x1-rank1"):
             rows.append(json.loads((Path(folder) / f"record-{name}.json").read_text()))
-    print(f"{args.method} on wordnet20, {rows[0]['train_examples']} training examples, global batch {args.batch_size}")
+    print(f"{args.method} on wordnet20, {rows[0]['train_examples']} training examples, global batch {args.batch_size}, "
+          f"{args.precision}")
     for row in rows[:3]:
         print(f"  {row['processes']} x {row['threads']}: accuracy matrix {row['accuracy_matrix']}")
     print("| processes x threads | train s | examples/s | eval s | step collectives s | eval-count collectives s |")

@@ -21,6 +21,7 @@ The rules the trainer follows (docs/design/distributed.md):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -103,7 +104,8 @@ def init(device: torch.device | str, *, init_method: str = "env://", world_size:
 @contextlib.contextmanager
 def session(device: torch.device | str) -> Iterator[None]:
     """Inside the block, the default process group of a launched run (see :func:`launched`); a no-op otherwise
-    or when a group exists already. The group this call started is destroyed at the end."""
+    or when a group exists already. The group this call started is destroyed at the end. Processes other than
+    rank 0 log warnings and errors only."""
     started = launched() and dist.is_available() and not dist.is_initialized()
     if started:
         missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
@@ -111,6 +113,8 @@ def session(device: torch.device | str) -> Iterator[None]:
             raise ValueError(f"distributed: WORLD_SIZE > 1 but the launcher's variables {missing} are missing; "
                              "start the run with torchrun")
         init(device)
+        if not is_main():  # one run, one log: the other processes report warnings and errors only
+            logging.getLogger("l2p_fast").setLevel(logging.WARNING)
     try:
         yield
     finally:

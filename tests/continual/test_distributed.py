@@ -183,6 +183,9 @@ def test_cli_compare_under_torchrun_matches_one_process(tiny_bert_path, tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("results, plots and checkpoints in") == 1  # rank 0 prints the table
+    # the lr rule and the global batch, logged once per method (rank 0)
+    assert run.stderr.count("global batch 5 (--batch-size, split over the processes), lr ") == 2, run.stderr[-3000:]
+    assert "2 processes (rank 0, gloo collectives" in run.stderr
     for method in ("l2p", "seq-frozen"):
         one = json.loads((tmp_path / "one" / method / "results.json").read_text())
         two = json.loads((tmp_path / "two" / method / "results.json").read_text())

@@ -128,6 +128,18 @@ def test_load_batches_gives_none_for_an_empty_share():
     assert got[0]["input_ids"].shape == (2, 3) and got[1] is None
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_load_batches_of_images_with_an_empty_share(workers):
+    from torch.utils.data import TensorDataset
+
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).view(5, 3, 2, 2)
+    pool = Pool(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+                sources=[TensorDataset(images, torch.zeros(5))], offsets=[0])
+    batches = [torch.tensor([4, 1]), torch.tensor([], dtype=torch.long), torch.tensor([2])]
+    got = list(load_batches(pool, batches, [None] * 3, torch.device("cpu"), num_workers=workers))
+    assert torch.equal(got[0], images[[4, 1]]) and got[1] is None and torch.equal(got[2], images[[2]])
+
+
 def _helpers_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init("cpu", init_method=f"file://{init_file}", world_size=2, rank=rank, timeout=30)
