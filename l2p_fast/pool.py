@@ -209,7 +209,9 @@ class FusedPromptPool(nn.Module):
             frequency=frequency,
         )
         group = torch.distributed.group.WORLD if isinstance(self._vote_group, str) else self._vote_group
-        return funcol.all_reduce(counts, "sum", group)
+        # waited here (a stream wait on GPUs, no host sync): the next op needs the counts at once, and handing it
+        # the still-async result instead costs a Python subclass dispatch of the whole fused op
+        return funcol.wait_tensor(funcol.all_reduce(counts, "sum", group))
 
     def extra_repr(self) -> str:
         return (
