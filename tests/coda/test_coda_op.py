@@ -174,3 +174,19 @@ def test_dtype_mismatch_and_bad_backend() -> None:
         coda_prompt(q, keys, attn, prompt, backend="nope")
     mixed, weights = coda_prompt(q.float(), keys, attn, prompt)  # q is cast to the parameters' dtype
     assert mixed.dtype == weights.dtype == torch.float64 and weights.shape == (3, 6)
+
+
+@pytest.mark.requires_backend("triton")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_gpu_block_sizes_in_the_interpreter(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block sizes the launchers pick on a GPU, under the interpreter: several masked tiles in every loop
+    (Dk = 300 over 128-wide tiles, F = 37 over 16-row blocks, Lp·D = 1400 over 1024 / 256-wide tiles)."""
+    from l2p_fast.ops import triton_launch
+
+    monkeypatch.setattr(triton_launch, "GPU_BLOCKS_IN_INTERPRETER", True)
+    config = (3, 300, 40, 2, 700, 11, 37)
+    got = _run("triton", _inputs(config, dtype), *config[5:])
+    want = _run("reference", _inputs(config, dtype), *config[5:])
+    tol = TOL64 if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=name)
