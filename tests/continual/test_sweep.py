@@ -54,7 +54,11 @@ def test_sweep_on_a_tiny_budget(tiny_bert_path, tmp_path, capsys):
     assert demo["methods"]["l2p"] == {**sweep.FIXED["l2p"], **record["best"]["l2p"]}
     assert demo["config"]["batch_size"] == 8
     assert "| l2p | lr |" in (tmp_path / "out" / "wordnet20.md").read_text()
+    assert record["probed"] == ["l2p", "seq-frozen"]
     # a second call reads every finished trial back instead of training again
     capsys.readouterr()
-    assert sweep.main(args) == 0
-    assert json.loads((tmp_path / "out" / "wordnet20.json").read_text())["best"] == record["best"]
+    assert sweep.main([*args, "--probe", "l2p"]) == 0
+    again = json.loads((tmp_path / "out" / "wordnet20.json").read_text())
+    assert again["best"] == record["best"] and again["probed"] == ["l2p"]
+    assert [t["seconds"] for t in again["trials"]] == [t["seconds"] for t in record["trials"] if
+                                                       t["stage"] != "probe" or t["method"] == "l2p"]
