@@ -62,7 +62,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--shared-prompt-key", "shared_prompt_key", {"action": "store_true", "default": None,
                                                   "help": "L2P: the same copy for the keys"}),
     ("--coda-components", "coda_components", {"type": int, "help": "CODA-Prompt: components over all tasks (M, "
-                                                                    "default 100: M / tasks per task)"}),
+                                                                    "M / tasks per task; default 100, at most the "
+                                                                    "backbone's width)"}),
     ("--coda-length", "coda_length", {"type": int, "help": "CODA-Prompt: even prompt length (Lp, default 8: half "
                                                             "key, half value prefix)"}),
     ("--ortho-mu", "ortho_mu", {"type": float, "help": "CODA-Prompt: orthogonality loss weight (default 0: off)"}),

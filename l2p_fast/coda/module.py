@@ -49,6 +49,10 @@ class FusedCodaPrompt(nn.Module):
             raise ValueError(f"prompt_param[1] (length): expected a positive prompt length, got {length}")
         if not mu >= 0 or mu == float("inf"):
             raise ValueError(f"prompt_param[2] (ortho_mu): expected a finite number >= 0, got {mu}")
+        used = n_tasks * (pool // n_tasks)  # rows some task uses; Gram–Schmidt makes them orthonormal
+        if used > min(key_dim, length * emb_d):
+            raise ValueError(f"prompt_param[0] (pool_size): {used} orthonormal rows need key_dim and Lp·emb_d >= "
+                             f"{used}, got key_dim={key_dim}, Lp·emb_d={length * emb_d}")
         layers = tuple(layers)
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(
                 layers):

@@ -102,7 +102,7 @@ class RunConfig:
     shared_prompt_pool: bool = False  # copy task t-1's prompt slots into task t's at its start (the port's option)
     shared_prompt_key: bool = False  # the same for the keys
     # CODA-Prompt (the paper's defaults: 100 components over all tasks, Lp 8 split key/value, layers 0-4, μ 0)
-    coda_components: int = 100
+    coda_components: int | None = None  # None: 100, at most the backbone's width (Gram–Schmidt needs width >= M)
     coda_length: int = 8
     ortho_mu: float = 0.0
     # EWC
@@ -238,7 +238,7 @@ def validate_config(config: RunConfig) -> None:
     _check_float("clip_grad", config.clip_grad, 0.0)
     _check_float("pull_lambda", config.pull_lambda, 0.0)
     _check_float("ewc_lambda", config.ewc_lambda, 0.0)
-    _check_int("coda_components", config.coda_components, 1)
+    _check_int("coda_components", config.coda_components, 1, optional=True)
     _check_int("coda_length", config.coda_length, 2)
     if config.coda_length % 2:
         raise ValueError(f"coda_length: expected an even length (half keys, half values), got {config.coda_length}")

@@ -80,7 +80,8 @@ def test_ortho_loss_matches_reference_on_used_rows() -> None:
         ({"prompt_param": [6, 4, -1.0]}, ValueError, r"prompt_param\[2\] \(ortho_mu\): expected a finite number"),
         ({"emb_d": 0}, ValueError, "emb_d: expected a positive int, got 0"),
         ({"layers": (0, 0)}, ValueError, "layers: expected distinct non-negative layer indices"),
-        ({"key_dim": 1}, ValueError, r"pool_size: 2 orthonormal rows need a row width >= 2, got 1"),
+        ({"key_dim": 5}, ValueError, r"prompt_param\[0\] \(pool_size\): 6 orthonormal rows need key_dim and "
+                                     r"Lp·emb_d >= 6, got key_dim=5, Lp·emb_d=48"),
     ],
 )
 def test_constructor_errors(options: dict, error: type, match: str) -> None:

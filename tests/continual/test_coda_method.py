@@ -18,7 +18,7 @@ CODA = {"coda_components": 10, "coda_length": 2}  # 5 tasks of 2 rows on the wid
 
 def test_defaults_and_checks():
     cfg = resolve(RunConfig(method="coda-prompt"))
-    assert (cfg.lr, cfg.train_mask, cfg.coda_components, cfg.coda_length, cfg.ortho_mu) == (0.03, "task", 100, 8, 0.0)
+    assert (cfg.lr, cfg.train_mask, cfg.coda_components, cfg.coda_length, cfg.ortho_mu) == (0.03, "task", None, 8, 0.0)
     assert prompt_layers(12) == (0, 1, 2, 3, 4) and prompt_layers(2) == (0, 1)
     with pytest.raises(ValueError, match="coda_length: expected an even length"):
         resolve(RunConfig(method="coda-prompt", coda_length=5))
@@ -27,6 +27,17 @@ def test_defaults_and_checks():
     base = RunConfig(method="coda-prompt")
     assert base.fingerprint() != RunConfig(method="coda-prompt", ortho_mu=0.1).fingerprint()
     assert RunConfig(method="l2p").fingerprint() == RunConfig(method="l2p", coda_components=7).fingerprint()
+
+
+def test_components_default_to_the_paper_capped_at_the_width(tiny_backbone, tiny_config):
+    from l2p_fast.continual.methods import make_method
+
+    cfg = resolve(tiny_config("coda-prompt", tiny_backbone.name))  # coda_components unset; tiny BERT width 32
+    assert make_method(cfg, tiny_backbone, 20, 5).model.prompt.e_pool_size == 32
+    with pytest.raises(ValueError, match=r"pool_size\): 40 orthonormal rows need key_dim and Lp·emb_d >= 40"):
+        make_method(resolve(tiny_config("coda-prompt", tiny_backbone.name, coda_components=40)), tiny_backbone, 20, 5)
+    with pytest.raises(ValueError, match="num_tasks: method 'coda-prompt' needs the benchmark's task count"):
+        make_method(cfg, tiny_backbone, 20)
 
 
 def test_text_run_slices_and_records_mass(tiny_backbone, tmp_path, tiny_config):

@@ -4,12 +4,16 @@
 The paper's defaults: ``coda_components`` = 100 components over all tasks (⌊100 / T⌋ per task; the last
 100 − T·⌊100 / T⌋ rows are never used), prompt length ``coda_length`` = 8 (4 key + 4 value prefix tokens), prompted
 layers 0–4 (those that exist on a shallower backbone), orthogonality weight ``ortho_mu`` = 0 (off), the current
-task's classes in the training loss (``train_mask`` 'task'). Adam at 0.03 (``METHOD_DEFAULTS``), the rate ``l2p`` and
-``dualprompt`` use, so the prompt methods compare at one setting: the paper's 1e-3 is for 20 epochs at batch 128; on
-``wordnet20``'s one-epoch budget (10 steps per task) it barely moves the prompts (seed 0, MiniLM: average accuracy
-21.7% at 1e-3, 54.8% at 1e-2, 61.2% at 3e-2). The components need
-a row width of at least ``coda_components`` (Gram–Schmidt: orthonormal rows), which the backbones here have (MiniLM
-D = 384, ViT-B 768). Loss = masked cross-entropy + the orthogonality loss.
+task's classes in the training loss (``train_mask`` 'task'). Loss = masked cross-entropy + the orthogonality loss.
+
+Components: Gram–Schmidt makes the used rows orthonormal, so they need a row width of at least their number. MiniLM
+(D = 384) and ViT-B (768) take the paper's 100; with ``coda_components`` unset a narrower backbone gets
+min(100, D) components; an explicit value too large for the backbone fails when the model is built.
+
+Learning rate: Adam at 0.03 (``METHOD_DEFAULTS``), the rate ``l2p`` and ``dualprompt`` use, so the prompt methods
+compare at one setting: the paper's 1e-3 is for 20 epochs at batch 128; on ``wordnet20``'s one-epoch budget (10
+steps per task) it barely moves the prompts (seed 0, MiniLM: average accuracy 21.7% at 1e-3, 54.8% at 1e-2, 61.2% at
+3e-2).
 
 Tasks: the first training batch of task t moves the model to task t (``set_task``: task t's rows get the
 Gram–Schmidt initialisation, drawn from a generator seeded by (seed, t), so a resumed run draws the same); the
@@ -29,6 +33,7 @@ from ..backbones import Backbone
 from .base import Method, TaskEnd
 
 PROMPT_LAYERS = (0, 1, 2, 3, 4)
+DEFAULT_COMPONENTS = 100  # the paper's M (CIFAR-100, 10 tasks)
 
 
 def prompt_layers(depth: int) -> tuple[int, ...]:
@@ -49,7 +54,7 @@ class CodaPrompt(Method):
         self.num_tasks = num_tasks
         self.uses_feature_cache = backbone.kind == "text"
         super().__init__(config, backbone, num_classes)
-        pool = config.coda_components
+        pool = self.model.prompt.e_pool_size
         self.mass = torch.zeros(num_tasks, pool, dtype=torch.float64)  # Σ over test items of layer-mean |α|
         self.mass_items = torch.zeros(num_tasks, dtype=torch.float64)
 
@@ -58,8 +63,9 @@ class CodaPrompt(Method):
 
     def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
         cfg = self.config
+        pool = cfg.coda_components if cfg.coda_components is not None else min(DEFAULT_COMPONENTS, backbone.width)
         options = dict(
-            n_tasks=self.num_tasks, pool_size=cfg.coda_components, length=cfg.coda_length, ortho_mu=cfg.ortho_mu,
+            n_tasks=self.num_tasks, pool_size=pool, length=cfg.coda_length, ortho_mu=cfg.ortho_mu,
             backend=cfg.backend, generator=self._generator(0),
         )  # fmt: skip
         if backbone.kind == "text":
