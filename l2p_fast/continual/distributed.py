@@ -37,6 +37,7 @@ TIMEOUT_ENV = "L2P_FAST_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0  # a collective waits this long for a silent rank before the run fails
 BUCKET_ELEMENTS = 1 << 22  # gradients are summed in flat buffers of at most this many elements (16 MiB fp32)
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_started: dict[str, float] = {}  # the timeout the group of :func:`init` was started with
 
 
 class RankError(RuntimeError):
@@ -61,7 +62,10 @@ def launched() -> bool:
 
 
 def timeout_seconds() -> float:
-    """The collective timeout: ``$L2P_FAST_COLLECTIVE_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`."""
+    """The collective timeout: the one the running group was started with by :func:`init`, else
+    ``$L2P_FAST_COLLECTIVE_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`."""
+    if "timeout" in _started and dist.is_available() and dist.is_initialized():
+        return _started["timeout"]
     value = os.environ.get(TIMEOUT_ENV)
     if value is None:
         return DEFAULT_TIMEOUT_S
@@ -99,6 +103,7 @@ def init(device: torch.device | str, *, init_method: str = "env://", world_size:
     if world_size is not None:
         options.update(world_size=world_size, rank=rank)
     dist.init_process_group(backend_for(device), **options)
+    _started["timeout"] = seconds
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -161,8 +162,20 @@ def _helpers_worker(rank: int, init_file: str, out: str) -> None:
     except ValueError as error:
         record["refused"] = str(error)
     torch.save(record, Path(out) / f"rank{rank}.pt")
+    # a process that hangs (alive, silent): the other fails when the collective times out (a 4 s group)
+    short = torch.distributed.new_group(timeout=timedelta(seconds=4))
+    hung = Path(out) / "hung.pt"
     if rank == 1:
-        return  # leaves without the last collective: rank 0 must fail with RankError, not hang
+        deadline = time.monotonic() + 60
+        while not hung.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return  # then leaves without the last collective: rank 0 must fail with RankError at once, not hang
+    started = time.monotonic()
+    try:
+        with distributed.collective_errors("waiting for a silent process"):
+            torch.distributed.barrier(group=short)
+    except distributed.RankError as error:
+        torch.save({"error": str(error), "seconds": time.monotonic() - started}, hung)
     started = time.monotonic()
     try:
         distributed.barrier("waiting at the last barrier")
@@ -184,6 +197,10 @@ def test_two_processes(tmp_path):
         assert record["counts"] == [1, 2]
         assert record["main"] == "decided by rank 0"
         assert record["refused"] == "output: refused on rank 0"
+    hung = torch.load(tmp_path / "hung.pt", weights_only=False)
+    assert "rank 0 of 2 lost the other processes while waiting for a silent process" in hung["error"]
+    assert 3.5 < hung["seconds"] < 20  # the 4 s timeout, not the 60 s the silent process waits
     lost = torch.load(tmp_path / "lost.pt", weights_only=False)
     assert "rank 0 of 2 lost the other processes while waiting at the last barrier" in lost["error"]
-    assert "--resume" in lost["error"] and lost["seconds"] < 30
+    assert "did not answer within 30 s" in lost["error"]  # the group's own timeout
+    assert "--resume" in lost["error"] and lost["seconds"] < 20  # a process that left: seen before the timeout
