@@ -62,3 +62,17 @@ def test_sweep_on_a_tiny_budget(tiny_bert_path, tmp_path, capsys):
     assert again["best"] == record["best"] and again["probed"] == ["l2p"]
     assert [t["seconds"] for t in again["trials"]] == [t["seconds"] for t in record["trials"] if
                                                        t["stage"] != "probe" or t["method"] == "l2p"]
+
+
+def test_learning_rate_only_sweep(tiny_bert_path, tmp_path):
+    sweep = _load_sweep()
+    args = ["--methods", "seq-frozen,l2p", "--no-knob", "--no-probe", "--output", str(tmp_path / "runs"),
+            "--write", str(tmp_path / "out"), "--set", "backbone=" + tiny_bert_path, "--set", "train_per_class=4",
+            "--set", "test_per_class=2", "--set", "max_length=12", "--set", "num_threads=1"]
+    assert sweep.main(args) == 0
+    record = json.loads((tmp_path / "out" / "wordnet20.json").read_text())
+    assert record["trials_per_method"] == sweep.LR_ONLY_TRIALS and record["probed"] == []
+    for method in ("seq-frozen", "l2p"):
+        assert [t["stage"] for t in record["trials"] if t["method"] == method] == ["lr"] * sweep.LR_ONLY_TRIALS
+    # the knob keeps its first (default) value, so a later full sweep reuses these runs
+    assert {t["settings"]["pull_lambda"] for t in record["trials"] if t["method"] == "l2p"} == {0.1}
