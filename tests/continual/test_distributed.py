@@ -120,28 +120,43 @@ CASES = {
     "l2p_er": ("l2p+er", {}),
     "ewc": ("ewc", {"fisher_samples": 7}),
     "seq-frozen": ("seq-frozen", {"eval_batch_size": 5}),
+    "dualprompt": ("dualprompt", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": False}),
 }
 
 
-def test_two_processes_reproduce_one(tiny_backbone, tiny_bert_path, tmp_path, tiny_config):
+GROUPS = {"l2p": ("l2p", "vote", "vote_mask"), "others": ("l2p_er", "ewc", "seq-frozen", "dualprompt")}
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_path, tiny_config):
     jobs, expected = [], {}
-    for name, (method, overrides) in CASES.items():
+    for name in GROUPS[group]:
+        method, overrides = CASES[name]
         cfg = tiny_config(method, tiny_bert_path, **overrides)
         one = Trainer(cfg, tmp_path / "one" / name, backbone=tiny_backbone)
         expected[name] = (one, one.run())
         jobs.append({"name": name, "config": cfg.to_dict(), "output": str(tmp_path / "two" / name)})
+    if group == "others":  # last (a worker stops at an error): DualPrompt's default vote cannot vote globally
+        voting = tiny_config("dualprompt", tiny_bert_path)
+        assert voting.batchwise_prompt is None  # the method's default: on
+        jobs.append({"name": "refused", "config": voting.to_dict(), "output": str(tmp_path / "two" / "refused")})
     codes = _spawn(tmp_path, tiny_bert_path, jobs, "same")
     assert codes == [0] * WORLD
     for name, (one, results) in expected.items():
         _assert_same_run(one, results, _records(tmp_path, "same", name))
         assert (tmp_path / "two" / name / "results.json").exists()  # rank 0 wrote it
+    if group == "others":
+        for record in _records(tmp_path, "same", "refused"):
+            kind, message, _ = record["error"]
+            assert kind == "RuntimeError" and "['FusedEPrompt'] has no vote_group" in message, message
+        # the feature cache (seq-frozen's input) was computed by both processes and written once, by rank 0
+        assert len(list((tmp_path / "two" / "seq-frozen" / "cache").glob("features-*.pt"))) == 2
+        return
     # the vote picks one prompt set per global batch: top_k distinct ids, as in one process
     assert expected["vote"][1]["prompt_counts_train"] != expected["l2p"][1]["prompt_counts_train"]
     # sharded evaluation with shares of 3+2 and 1+0 items: every test item counted once (8 per task, top-k 2)
     two = _records(tmp_path, "same", "l2p")[0]["results"]
     assert [sum(row) for row in two["prompt_counts_test"]] == [8 * 2] * 5
-    # the feature cache (seq-frozen's input, l2p's query) was computed by both processes and written once
-    assert len(list((tmp_path / "two" / "seq-frozen" / "cache").glob("features-*.pt"))) == 2
 
 
 @pytest.mark.slow
