@@ -453,7 +453,7 @@ class Trainer:
         over the processes. Returns the global batch's loss, its logged ``reduce_sim`` (when the method logs
         one) and the prompt counts (M,) of its ``new`` items (None without prompt ids)."""
         pool_size = self.config.pool_size
-        extra = torch.zeros(5 + pool_size, dtype=torch.float64)  # loss, reduce_sim, has it, has ids, has items, counts
+        extra = torch.zeros(4 + pool_size, dtype=torch.float64)  # loss, reduce_sim, has it, has ids, then the counts
         if len(part):
             out = self._forward(part, task_id, True, self.train_pool, self.train_cache, inputs)
             loss, logged = self.method.loss(out, labels[part.to(self.device)], mask)
@@ -465,13 +465,12 @@ class Trainer:
             if "prompt_idx" in out:
                 ids = out["prompt_idx"][: max(0, min(len(part), new - start))].flatten().cpu()
                 extra[3] = 1.0
-                extra[5:] = torch.bincount(ids, minlength=pool_size).double()
-            extra[4] = 1.0
+                extra[4:] = torch.bincount(ids, minlength=pool_size).double()
         else:
             self._join_collectives(task_id, train=True)
         extra = distributed.all_reduce_grads(params, extra)
         parts = {"reduce_sim": float(extra[1])} if extra[2] > 0 else {}
-        selected = extra[5:].round().long() if extra[3] > 0 else None
+        selected = extra[4:].round().long() if extra[3] > 0 else None
         return float(extra[0]), parts, selected
 
     def _join_collectives(self, task_id: int, train: bool) -> None:
