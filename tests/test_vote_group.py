@@ -184,3 +184,18 @@ def test_vote_group_is_checked() -> None:
         pool.vote_group = 3
     pool.vote_group = "world"
     assert pool.vote_group == "world"
+
+
+def test_no_collective_without_the_vote() -> None:
+    """vote_group only acts on the batch vote without a mask: otherwise no collective runs (none is set up here)."""
+    assert not dist.is_initialized()
+    x = random_batch(seed=9)
+    pool = make_pool("reference", "world")
+    mask = torch.tensor([[1, 4]] * len(x))
+    assert torch.equal(pool(x, prompt_mask=mask)["prompt_idx"], mask)
+    pool.batchwise_prompt = False
+    local = make_pool("reference", None)
+    local.batchwise_prompt = False
+    assert torch.equal(pool(x)["prompt_idx"], local(x)["prompt_idx"])
+    with pytest.raises(ValueError, match="x_embed: expected B >= 1"):
+        pool(x[:0])  # an empty batch is accepted only where it joins the global vote
