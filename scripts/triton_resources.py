@@ -237,7 +237,7 @@ LAUNCHERS = {  # module: the launchers it must have
                                  "launch_grad_similarity", "launch_grad_x"),
     "l2p_fast.ops.assemble_triton": ("launch_assemble", "launch_prompt_grad"),
     "l2p_fast.ops.prefix_gather_triton": ("launch_gather", "launch_gather_grad"),
-    "l2p_fast.ops.coda_triton": ("launch_weights", "launch_rows", "launch_rowdot"),
+    "l2p_fast.ops.coda_triton": ("launch_weights", "launch_rows", "launch_rowdot", "launch_weight_grads"),
 }
 
 
@@ -337,6 +337,8 @@ def _coda_scenarios(coda, shape: Shape, dtypes: tuple) -> Iterator[tuple[str, Ca
     yield "coda grad prompt", lambda: coda.launch_rows(weights, True, grad, shape.M, 0, shape.M, p_dtype)
     yield "coda grad weights", lambda: coda.launch_rowdot(grad, rows, weights)
     yield "coda grad weights no base", lambda: coda.launch_rowdot(grad, rows, None)
+    grad_w = torch.empty((shape.B, shape.M), dtype=torch.promote_types(p_dtype, torch.float32))
+    yield "coda grad q, keys, attn", lambda: coda.launch_weight_grads(q, keys, keys, weights, grad_w, 0)
 
 
 def record_launches(subset: str, targets: tuple[str, ...] = tuple(TARGETS)) -> list[tuple[Launch, str]]:

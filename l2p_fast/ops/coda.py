@@ -20,7 +20,7 @@ the mix in the prompt's dtype. Deterministic (no atomics, fixed reduction order)
   there, imported with ``l2p_fast``).
 - cpu, cuda: the custom op ``l2p_fast::coda_prompt`` (PyTorch matmuls, the formulas above).
 - triton: the custom op ``l2p_fast::coda_prompt_triton`` (``coda_triton.py``): the weights in one kernel, the mix,
-  ∂P and G by row kernels; the (B, F)-sized rest of the backward by the same code as the cpu backend.
+  ∂P and G by row kernels, ∂q, ∂K, ∂A by three more (the formulas above).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Device code in ``kernels/coda.py`` (installed as ``l2p_fast.kernels.coda``), imported on the first launch so
 ``TRITON_INTERPRET`` may be set after ``l2p_fast`` is imported. Forward: the weights kernel, then the rows kernel
 writes the mix (B, Lp, D). Backward (the custom op ``l2p_fast::coda_prompt_backward_triton``): the rowdot kernel
-gives G = ∂L/∂α, the rows kernel ∂P = αᵀ·g (rows outside the trainable slice zero); the (B, F)-sized rest (∂q, ∂K,
-∂A: products of (B, F) and (B | F, Dk) matrices) is ``coda_math.weight_grads``, as on the cpu backend.
+gives G = ∂L/∂α, the rows kernel ∂P = αᵀ·g (rows outside the trainable slice zero), then three kernels the rest:
+the factors ∂n, ∂s2, G·α (B, F) and the masked r_k², ∂K and ∂A (M, Dk), ∂q (B, Dk).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import register
-from .coda_math import coda_fake, coda_setup, compute_dtype, weight_grads
+from .coda_math import coda_fake, coda_setup, compute_dtype
 from .triton_launch import big_blocks, device_guard, pow2, reject_forward_ad
 
 
@@ -80,6 +80,37 @@ def launch_rowdot(grad: Tensor, prompt_rows: Tensor, base: Tensor | None) -> Ten
     return out
 
 
+def launch_weight_grads(q: Tensor, keys: Tensor, attn: Tensor, weights: Tensor, grad_w: Tensor, start: int
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂q (B, Dk), ∂keys, ∂attn (M, Dk)) from G = ∂L/∂α (B, F) and α; rows outside [start, F) zero."""
+    q, keys, attn = q.contiguous(), keys.contiguous(), attn.contiguous()
+    weights, grad_w = weights.contiguous(), grad_w.contiguous()
+    batch, key_dim = q.shape
+    pool, used = keys.shape[0], weights.shape[1]
+    ct = compute_dtype(keys.dtype)
+    grad_n, grad_s2, grad_gw = (torch.empty((batch, used), dtype=ct, device=q.device) for _ in range(3))
+    key_scale = torch.empty((used,), dtype=ct, device=q.device)
+    grad_q = torch.empty_like(q)
+    grad_k, grad_a = torch.empty_like(keys), torch.empty_like(attn)
+    block_m, block_d = _block(used, 16), _block(key_dim, 128)
+    block_dk = _block(key_dim, 64)
+    with device_guard(q):
+        kernels = _device()
+        kernels.coda_grad_factors_kernel[(batch, -(-used // block_m))](
+            q, keys, attn, weights, grad_w, grad_n, grad_s2, grad_gw, key_scale, key_dim, used,
+            ACC_FP64=ct == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d,
+        )  # fmt: skip
+        rows = _block(pool, 16)
+        kernels.coda_grad_keys_kernel[(-(-pool // rows), -(-key_dim // block_dk))](
+            q, keys, attn, grad_n, grad_s2, grad_gw, key_scale, grad_k, grad_a, batch, key_dim, used, start, pool,
+            BLOCK_M=rows, BLOCK_D=block_dk,
+        )  # fmt: skip
+        kernels.coda_grad_query_kernel[(batch, -(-key_dim // block_d))](
+            q, keys, attn, grad_n, grad_s2, grad_q, key_dim, used, BLOCK_D=block_d,
+        )  # fmt: skip
+    return grad_q, grad_k, grad_a
+
+
 @torch.library.custom_op(
     "l2p_fast::coda_prompt_triton", mutates_args=(),
     schema="(Tensor q, Tensor keys, Tensor attn, Tensor prompt, int start, int stop) -> (Tensor, Tensor)",
@@ -110,7 +141,7 @@ def coda_prompt_backward_triton(grad_mixed: Tensor, grad_weights: Tensor, q: Ten
     g = grad_mixed.reshape(q.shape[0], length * width).to(prompt.dtype)
     grad_w = launch_rowdot(g, prompt[:stop].reshape(stop, length * width), grad_weights)
     grad_p = launch_rows(weights, True, g, pool, start, stop, prompt.dtype).view(pool, length, width)
-    grad_q, grad_k, grad_a = weight_grads(q, keys[:stop], attn[:stop], weights, grad_w, start, pool)
+    grad_q, grad_k, grad_a = launch_weight_grads(q, keys, attn, weights, grad_w, start)
     return grad_q, grad_k, grad_a, grad_p
 
 

@@ -40,7 +40,25 @@ for arch in (80, 90):
             c = triton.compile(ASTSource(fn=k.coda_rowdot_kernel, signature=sig,
                                          constexprs={(6,): has_base, (7,): 16, (8,): 256}), target=target)
             assert c.asm["cubin"], ("rowdot", dtype, arch, has_base)
-        count += 4
+        sig = {**{n: "*" + dtype for n in ("q_ptr", "k_ptr", "a_ptr", "w_ptr")}, "g_ptr": "*" + acc,
+               **{n: "*" + acc for n in ("gn_ptr", "gs_ptr", "gw_ptr", "rk_ptr")}, "key_dim": "i32", "used": "i32",
+               "ACC_FP64": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        c = triton.compile(ASTSource(fn=k.coda_grad_factors_kernel, signature=sig,
+                                     constexprs={(11,): dtype == "fp64", (12,): 16, (13,): 128}), target=target)
+        assert c.asm["cubin"], ("grad factors", dtype, arch)
+        sig = {**{n: "*" + dtype for n in ("q_ptr", "k_ptr", "a_ptr")},
+               **{n: "*" + acc for n in ("gn_ptr", "gs_ptr", "gw_ptr", "rk_ptr")}, "gk_ptr": "*" + dtype,
+               "ga_ptr": "*" + dtype, "batch": "i32", "key_dim": "i32", "used": "i32", "start": "i32", "pool": "i32",
+               "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        c = triton.compile(ASTSource(fn=k.coda_grad_keys_kernel, signature=sig, constexprs={(14,): 16, (15,): 64}),
+                           target=target)
+        assert c.asm["cubin"], ("grad keys", dtype, arch)
+        sig = {**{n: "*" + dtype for n in ("q_ptr", "k_ptr", "a_ptr")}, "gn_ptr": "*" + acc, "gs_ptr": "*" + acc,
+               "gq_ptr": "*" + dtype, "key_dim": "i32", "used": "i32", "BLOCK_D": "constexpr"}
+        c = triton.compile(ASTSource(fn=k.coda_grad_query_kernel, signature=sig, constexprs={(8,): 128}),
+                           target=target)
+        assert c.asm["cubin"], ("grad query", dtype, arch)
+        count += 7
 print("compiled", count)
 """
 
@@ -49,4 +67,4 @@ def test_coda_kernels_compile_for_sm80_and_sm90() -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 32" in result.stdout
+    assert "compiled 56" in result.stdout
