@@ -3,8 +3,9 @@
 One spawn of 2 CPU processes (``init_method=file://`` in tmp_path) runs every scenario on every backend
 available on the CPU and saves what each rank computed; the parent compares it with one process:
 
-- the global vote on 2 ranks equals the 1-process vote on the concatenated batch, for random inputs
-  and for hand-made queries whose global counts tie (lower id first), also at the K-th place;
+- the global vote on 2 ranks equals the 1-process vote on the concatenated batch, for random inputs,
+  with a selection frequency (§8), and for hand-made queries whose global counts tie at the K-th place
+  (lower id first);
 - the per-rank vote (``vote_group=None``) equals the vote of each rank's half alone (today's behaviour);
 - where the local and the global vote choose the same set (both ranks hold the same rows), outputs and
   gradients of the global path equal the local path's bit for bit;
@@ -25,6 +26,7 @@ from l2p_fast.testing import backend_skip_reason
 
 BACKENDS = tuple(b for b in ("reference", "cpu", "triton") if backend_skip_reason(b, "cpu") is None)
 B_LOCAL, N, D, M, K, LP = 3, 4, 8, 6, 2, 2
+FREQUENCY = torch.tensor([0.5, 0.0, 0.25, 0.0, 0.25, 0.0])  # diversified selection (docs/behaviour.md §8)
 
 
 def make_pool(backend: str, vote_group: object = None, embedding_key: str = "mean") -> FusedPromptPool:
@@ -79,6 +81,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, backends: tuple[
             results[backend, "global"] = run_pool(make_pool(backend, "world"), x)
             results[backend, "group"] = run_pool(make_pool(backend, dist.new_group([0, 1])), x)
             results[backend, "local"] = run_pool(make_pool(backend, None), x)
+            diversified = make_pool(backend, "world")
+            diversified.set_prompt_frequency(FREQUENCY)
+            results[backend, "frequency"] = run_pool(diversified, x)
             same = random_batch(seed=5)[:B_LOCAL]  # both ranks hold the same rows: the same chosen set
             results[backend, "same_global"] = run_pool(make_pool(backend, "world"), same)
             results[backend, "same_local"] = run_pool(make_pool(backend, None), same)
@@ -125,6 +130,17 @@ def test_global_vote_equals_one_process_on_the_concatenated_batch(ranks, backend
         for scenario in ("global", "group"):
             assert torch.equal(result[backend, scenario]["prompt_idx"], whole["prompt_idx"][rows]), scenario
             assert torch.equal(result[backend, scenario]["prompted_embedding"], whole["prompted_embedding"][rows])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_vote_with_a_frequency(ranks, backend: str) -> None:
+    pool = make_pool(backend, None)
+    pool.set_prompt_frequency(FREQUENCY)
+    whole = run_pool(pool, random_batch(seed=3))
+    assert not torch.equal(whole["prompt_idx"], one_process(backend, random_batch(seed=3))["prompt_idx"])
+    for rank, result in enumerate(ranks):
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        assert torch.equal(result[backend, "frequency"]["prompt_idx"], whole["prompt_idx"][rows])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
