@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -172,9 +173,17 @@ def test_killed_rank_stops_the_other_and_resume_completes(tiny_backbone, tiny_be
     assert kind == "RankError" and "--resume" in message and "lost the other processes" in message, message
     assert seconds < 60
     assert (tmp_path / "two" / "checkpoint.pt").exists() and not (tmp_path / "two" / "results.json").exists()
+    shutil.copytree(tmp_path / "two", tmp_path / "alone")
     codes = _spawn(tmp_path, tiny_bert_path, [{**job, "resume": True, "kill_rank": None}], "resumed")
     assert codes == [0] * WORLD
     _assert_same_run(one, expected, _records(tmp_path, "resumed", "run"))
+    # the checkpoint holds no world size (the batch is global): one process resumes it too
+    alone = Trainer(cfg, tmp_path / "alone", resume=True, backbone=tiny_backbone)
+    got = alone.run()
+    assert got["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert got["prompt_counts_train"] == expected["prompt_counts_train"]
+    for (name, p), q in zip(one.method.model.named_parameters(), alone.method.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=ATOL, rtol=RTOL, msg=name)
 
 
 @pytest.mark.slow
