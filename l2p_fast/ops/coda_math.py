@@ -52,7 +52,8 @@ def weight_grads(
     grad_s2 = torch.where(s2.sqrt() > EPS, -0.5 * g * w * r_a * r_a, torch.zeros_like(g))
     grad_ak = grad_n.T @ qc  # ∂(A⊙K) (F, Dk)
     grad_a2 = grad_s2.T @ (qc * qc)  # ∂(A²) (F, Dk)
-    key_scale = torch.where(r_k < 1 / EPS, r_k * r_k, torch.zeros_like(r_k)) * (g * w).sum(0)  # (F,)
+    unclamped = torch.linalg.vector_norm(k, dim=1) > EPS  # where r_k = 1/‖K‖ depends on K
+    key_scale = torch.where(unclamped, r_k * r_k, torch.zeros_like(r_k)) * (g * w).sum(0)  # (F,)
     grad_k = grad_ak * a - k * key_scale.unsqueeze(1)
     grad_a = grad_ak * k + 2 * a * grad_a2
     grad_q = None
