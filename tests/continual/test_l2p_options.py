@@ -48,3 +48,18 @@ def test_resume_with_the_options_reproduces_the_uninterrupted_run(stop, tiny_bac
     assert torch.equal(resumed.method.past_counts, full.method.past_counts)
     for (name, p), q in zip(full.method.model.named_parameters(), resumed.method.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_counts_given_by_the_trainer_replace_the_methods_own(tiny_backbone, tiny_config):
+    from types import SimpleNamespace
+
+    from l2p_fast.continual.config import resolve
+    from l2p_fast.continual.methods import make_method
+
+    method = make_method(resolve(tiny_config("l2p", tiny_backbone.name, diversity=True)), tiny_backbone, 20)
+    method.task_counts += torch.tensor([5, 0, 0, 0, 0, 0])  # ignored: the trainer's counts win
+    info = SimpleNamespace(task=0, indices=torch.arange(4), labels=torch.zeros(4, dtype=torch.long), gen=None,
+                           backward_on=None, selection_counts=torch.tensor([0, 2, 2, 0, 0, 4]))
+    method.end_task(info)
+    assert method.past_counts.tolist() == [0, 2, 2, 0, 0, 4]
+    assert method.pool.prompt_frequency.tolist() == [0.0, 0.25, 0.25, 0.0, 0.0, 0.5]

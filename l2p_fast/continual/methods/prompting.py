@@ -8,6 +8,9 @@ Options (docs/behaviour.md §8, §10):
 - ``diversity``: the method counts the prompt ids of every row it trains on (replayed rows included); at the end
   of each task the task's counts are summed over the processes and added to those of earlier tasks, and the
   normalised sum becomes the pool's ``prompt_frequency`` for the next tasks' training (evaluation never uses it).
+  A ``TaskEnd`` carrying ``selection_counts`` (M,) (global counts the trainer keeps and checkpoints) is used
+  instead of the method's own counts: with several processes only those survive a resume in the middle of a
+  task exactly (the method's own partial counts are rank 0's in the checkpoint).
 - ``shared_prompt_pool`` / ``shared_prompt_key``: the first training batch of task t > 0 first copies task
   t−1's prompt slots / keys into task t's (``FusedPromptPool.share_previous_task``).
 Both states (the counts, the last task shared) are part of the method's checkpointed state.
@@ -88,8 +91,9 @@ class L2P(Method):
         super().end_task(info)
         if not self.config.diversity:
             return
-        counts = self.task_counts.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        given = getattr(info, "selection_counts", None)  # the trainer's global counts of the task, when it passes them
+        counts = self.task_counts.clone() if given is None else torch.as_tensor(given, dtype=torch.int64)
+        if given is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = self.pool.prompt.device if dist.get_backend() == "nccl" else torch.device("cpu")
             counts = counts.to(device)
             dist.all_reduce(counts)  # every process calls end_task: the selections of the global batches
