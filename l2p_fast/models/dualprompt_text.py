@@ -30,27 +30,30 @@ from ..dualprompt.attention import prefix_attention
 from ..dualprompt.eprompt import FusedEPrompt
 from ..dualprompt.layers import check_layers, layer_prompt, make_g_prompt
 from .bert_packed import packed_unsupported
-from .common import freeze_all_but, pool_tokens, task_prompt_mask
+from .common import check_final_tokens, freeze_all_but, pool_tokens, task_prompt_mask
 from .dualprompt_vit import HEAD_TYPES, TRAINABLE
 from .text import L2PTextEncoder, _load_backbone
 
 
-def bert_prefix_layer(layer: nn.Module, h: Tensor, key_mask: Tensor | None, prefix: Tensor | None) -> Tensor:
+def bert_prefix_layer(
+    layer: nn.Module, h: Tensor, key_mask: Tensor | None, prefix: Tensor | None, rows: slice | None = None
+) -> Tensor:
     """One HF ``BertLayer`` on h (B, S, D) whose attention also attends ``prefix`` (1 | B, 2, P, H, Dh) or None;
-    ``key_mask`` (B, S) bool (False: padding) or None → (B, S, D)."""
+    ``key_mask`` (B, S) bool (False: padding) or None → (B, S, D). ``rows``: compute only those output rows
+    (B, R, D) — queries, attention output and feed-forward on them, keys and values from every row."""
     attention = layer.attention.self
-    batch, seq, _ = h.shape
     heads, head_dim = attention.num_attention_heads, attention.attention_head_size
 
     def split(t: Tensor) -> Tensor:
-        return t.view(batch, seq, heads, head_dim).transpose(1, 2)
+        return t.view(t.shape[0], t.shape[1], heads, head_dim).transpose(1, 2)
 
-    q, k, v = split(attention.query(h)), split(attention.key(h)), split(attention.value(h))
+    query_rows = h if rows is None else h[:, rows]
+    q, k, v = split(attention.query(query_rows)), split(attention.key(h)), split(attention.value(h))
     prefix_k = prefix_v = None
     if prefix is not None:
         prefix_k, prefix_v = prefix.permute(1, 0, 3, 2, 4)  # (2, 1 | B, H, P, Dh), views
     context = prefix_attention(q, k, v, prefix_k, prefix_v, attention.scaling, key_mask=key_mask)
-    out = layer.attention.output(context.transpose(1, 2).reshape(batch, seq, heads * head_dim), h)
+    out = layer.attention.output(context.transpose(1, 2).reshape(*query_rows.shape[:2], heads * head_dim), query_rows)
     return layer.output(layer.intermediate(out), out)
 
 
@@ -59,7 +62,9 @@ class DualPromptTextEncoder(nn.Module):
 
     The backbone must be a plain transformers ``BertModel`` (``bert_packed.packed_unsupported`` says why not).
     ``tokenize``, ``query`` and ``encode_queries`` are ``L2PTextEncoder``'s; ``forward`` returns the
-    ``DualPromptViT`` dict (E-prompt outputs, ``x``, ``pre_logits``, ``logits``).
+    ``DualPromptViT`` dict (E-prompt outputs, ``x``, ``pre_logits``, ``logits``). ``final_tokens``: 'all' computes
+    every row of the last layer; 'head' with the 'token' head only the CLS row (same logits and gradients up to
+    float rounding; ``x`` is then (B, 1, D)).
     """
 
     tokenize = L2PTextEncoder.tokenize
@@ -91,8 +96,10 @@ class DualPromptTextEncoder(nn.Module):
         backend: str = "auto",
         tokenizer: object = None,
         packed: bool = True,
+        final_tokens: str = "all",
     ) -> None:
         super().__init__()
+        check_final_tokens(final_tokens)
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
         for name, value in (("num_classes", num_classes), ("max_length", max_length), ("g_prompt_length",
@@ -131,6 +138,7 @@ class DualPromptTextEncoder(nn.Module):
         self.use_prompt_mask = use_prompt_mask
         self.max_length = max_length
         self.backend = backend
+        self.final_tokens = final_tokens
         self.packed = packed  # the query pass (L2PTextEncoder.query) runs padding-free when it can
         freeze_all_but(self, TRAINABLE)
 
@@ -154,7 +162,8 @@ class DualPromptTextEncoder(nn.Module):
         token_type_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """input_ids, attention_mask (B, T) → E-prompt outputs (``prompt_idx`` (B, K), ``reduce_sim``, …,
-        ``batched_prompt``), ``x`` (B, total_prompt_len + T, D), ``pre_logits`` (B, D), ``logits`` (B, C).
+        ``batched_prompt``), ``x`` (B, total_prompt_len + T, D) (final_tokens 'head', 'token' head: (B, 1, D)),
+        ``pre_logits`` (B, D), ``logits`` (B, C).
 
         ``cls_features`` (B, D): cached queries; None computes them (a second, no-grad pass). With
         ``use_prompt_mask`` and ``train``, task t uses E-prompt ids t·K … t·K+K−1 (none when that range
@@ -178,7 +187,10 @@ class DualPromptTextEncoder(nn.Module):
         valid = attention_mask.bool()
         key_mask = None if bool(valid.all()) else valid
         g_prompt = self.g_prompt
-        for i, layer in enumerate(self.backbone.encoder.layer):
+        layers = self.backbone.encoder.layer
+        head_only = self.final_tokens == "head" and self.head_type == "token"
+        cls_row = slice(self.total_prompt_len, self.total_prompt_len + 1) if head_only else None
+        for i, layer in enumerate(layers):
             prompt = layer_prompt(i, self.g_prompt_layer_idx, self.e_prompt_layer_idx, g_prompt,
                                   res["batched_prompt"], self.use_prefix_tune_for_g_prompt,
                                   self.use_prefix_tune_for_e_prompt)  # fmt: skip
@@ -187,10 +199,11 @@ class DualPromptTextEncoder(nn.Module):
                 h = torch.cat([tokens, h], dim=1)
                 valid = torch.cat([valid.new_ones(batch, tokens.shape[1]), valid], dim=1)
                 key_mask = None if key_mask is None else valid
-            h = bert_prefix_layer(layer, h, key_mask, prompt[1] if prompt is not None and prompt[0] else None)
+            rows = cls_row if i == len(layers) - 1 else None  # the last layer: only the CLS row with 'head'
+            h = bert_prefix_layer(layer, h, key_mask, prompt[1] if prompt is not None and prompt[0] else None, rows)
         res["x"] = h
         if self.head_type == "token":
-            pre_logits = h[:, self.total_prompt_len]
+            pre_logits = h[:, 0 if head_only else self.total_prompt_len]
         else:
             pre_logits = pool_tokens(h, "gap", 0, valid)
         res["pre_logits"] = pre_logits
@@ -200,5 +213,6 @@ class DualPromptTextEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, head_type={self.head_type!r}, max_length={self.max_length}, "
-            f"g_layers={list(self.g_prompt_layer_idx)}, e_layers={list(self.e_prompt_layer_idx)}"
+            f"g_layers={list(self.g_prompt_layer_idx)}, e_layers={list(self.e_prompt_layer_idx)}, "
+            f"final_tokens={self.final_tokens!r}"
         )

@@ -174,3 +174,27 @@ def test_errors_are_named() -> None:
         model(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="attention_mask: expected shape"):
         model(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("e_prefix,last_layer", [(True, "e"), (False, "e"), (True, "plain")])
+def test_final_tokens_head_matches_all(e_prefix: bool, last_layer: str) -> None:
+    """With the 'token' head, final_tokens='head' computes the last layer on the CLS row only: logits, pre_logits,
+    reduce_sim and every gradient as 'all' (fp64, 1e-10); x is that row."""
+    layers = LAYERS if last_layer == "e" else {"g_prompt_layer_idx": (0,), "e_prompt_layer_idx": (1,)}
+    options = dict(use_prefix_tune_for_e_prompt=e_prefix, **layers)
+    full, head = build(**options), build(**options, final_tokens="head")
+    head.load_state_dict(full.state_dict())
+    ids, mask = batch(1)
+    cls = torch.randn(3, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outs = [m(ids, mask, task_id=1, cls_features=cls, train=True) for m in (full, head)]
+    for key in ("logits", "pre_logits", "reduce_sim"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], **TOL, msg=key)
+    assert outs[1]["x"].shape == (3, 1, 24)
+    torch.testing.assert_close(outs[1]["x"][:, 0], outs[0]["x"][:, full.total_prompt_len], **TOL)
+    grads = [torch.autograd.grad(loss_of(o), m.trainable_parameters()) for o, m in zip(outs, (full, head), strict=True)]
+    for g, e in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g, e, **TOL)
+    gap = build(head_type="gap", final_tokens="head")  # 'gap' reads every row: nothing to cut
+    assert gap(ids, mask)["x"].shape == (3, 7, 24)
+    with pytest.raises(ValueError, match="final_tokens: expected one of"):
+        build(final_tokens="cls")

@@ -1,5 +1,5 @@
 """``dualprompt``: DualPrompt (Wang et al., ECCV 2022) on the frozen backbone — ``DualPromptTextEncoder`` for text,
-``DualPromptViT`` for images (``l2p_fast.models``).
+``DualPromptViT`` for images (``l2p_fast.models``), both with ``final_tokens='head'``.
 
 The paper's and the DualPrompt port's defaults: G-prompt length 5 in layers 0–1, E-prompts of length 5 in layers
 2–4 with prefix-tuning, pool ``pool_size`` (10), top-``top_k`` (1) by the frozen encoder's query, batch vote,
@@ -61,6 +61,7 @@ class DualPrompt(L2P):
             use_prompt_mask=cfg.use_prompt_mask,
             g_prompt_length=G_PROMPT_LENGTH,
             backend=cfg.backend,
+            final_tokens="head",  # the trainer reads logits and reduce_sim only: the last layer on the head's rows
         )
         encoder = backbone.copy()
         if backbone.kind == "text":
@@ -72,9 +73,7 @@ class DualPrompt(L2P):
         from ...models import DualPromptViT
 
         g_layers, e_layers = prompt_layers(len(encoder.blocks))
-        # the trainer reads logits and reduce_sim only: the last block runs on the head's rows
-        return DualPromptViT.from_timm(encoder, g_prompt_layer_idx=g_layers, e_prompt_layer_idx=e_layers,
-                                       final_tokens="head", **options)
+        return DualPromptViT.from_timm(encoder, g_prompt_layer_idx=g_layers, e_prompt_layer_idx=e_layers, **options)
 
     def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
         if self.kind == "text":
