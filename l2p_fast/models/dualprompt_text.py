@@ -102,8 +102,8 @@ class DualPromptTextEncoder(nn.Module):
         check_final_tokens(final_tokens)
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type: expected one of {HEAD_TYPES}, got {head_type!r}")
-        for name, value in (("num_classes", num_classes), ("max_length", max_length), ("g_prompt_length",
-                                                                                        g_prompt_length)):
+        positive = {"num_classes": num_classes, "max_length": max_length, "g_prompt_length": g_prompt_length}
+        for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if not isinstance(packed, bool):
