@@ -137,7 +137,12 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
         one = Trainer(cfg, tmp_path / "one" / name, backbone=tiny_backbone)
         expected[name] = (one, one.run())
         jobs.append({"name": name, "config": cfg.to_dict(), "output": str(tmp_path / "two" / name)})
-    if group == "others":  # last (a worker stops at an error): DualPrompt's default vote cannot vote globally
+    if group == "others":
+        # bf16 autocast ('auto' on CPUs with native bf16): no 1-process reference (bf16 rounding of a split batch),
+        # but both ranks stay identical
+        bf16 = tiny_config("l2p", tiny_bert_path, precision="bf16", batch_size=5)
+        jobs.append({"name": "bf16", "config": bf16.to_dict(), "output": str(tmp_path / "two" / "bf16")})
+        # last (a worker stops at an error): DualPrompt's default vote cannot vote globally, so it is refused
         voting = tiny_config("dualprompt", tiny_bert_path)
         assert voting.batchwise_prompt is None  # the method's default: on
         jobs.append({"name": "refused", "config": voting.to_dict(), "output": str(tmp_path / "two" / "refused")})
@@ -147,6 +152,11 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
         _assert_same_run(one, results, _records(tmp_path, "same", name))
         assert (tmp_path / "two" / name / "results.json").exists()  # rank 0 wrote it
     if group == "others":
+        ranks = _records(tmp_path, "same", "bf16")
+        assert "error" not in ranks[0] and "error" not in ranks[1]
+        assert ranks[0]["digests"] and ranks[0]["digests"] == ranks[1]["digests"]
+        assert ranks[0]["results"]["accuracy_matrix"] == ranks[1]["results"]["accuracy_matrix"]
+        assert [sum(c) for c in ranks[0]["results"]["prompt_counts_train"]] == [16 * 2 * 2] * 5
         for record in _records(tmp_path, "same", "refused"):
             kind, message, _ = record["error"]
             assert kind == "RuntimeError" and "['FusedEPrompt'] has no vote_group" in message, message
