@@ -123,3 +123,17 @@ def test_cli_config_file_and_seeds(tiny_bert_path, tmp_path, capsys):
         main(["compare", "--seeds", "0", "--seed", "1", "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
+
+
+def test_cli_train_reads_the_method_settings_of_a_config_file(tiny_bert_path, tmp_path):
+    from l2p_fast.cli import main
+
+    settings = tmp_path / "s.json"
+    settings.write_text(json.dumps({
+        "config": {"backbone": tiny_bert_path, "train_per_class": 4, "test_per_class": 2, "epochs": 1,
+                   "max_length": 12, "checkpoint_every": 0, "num_threads": 1, "precision": "fp32"},
+        "methods": {"seq-frozen": {"lr": 0.02}, "l2p": {"lr": 0.5}}}))
+    assert main(["train", "--method", "seq-frozen", "--config", str(settings), "--batch-size", "4", "--no-progress",
+                 "--output", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
+    assert (config["lr"], config["batch_size"], config["epochs"]) == (0.02, 4, 1)  # file, flag, file
