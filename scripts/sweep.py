@@ -154,7 +154,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"Budget per trial: {json.dumps(record['budget'])}; {record['trials_per_method']} trials per method; the "
         f"probe with {PROBE_EPOCHS} epochs per task ({', '.join(record['probed']) or 'none'}) is reported, not chosen. "
         f"The trials' wall time: {record['seconds']:.0f} s in all on {record['machine']}, shared with other "
-        "work (the seconds measure the machine's load as much as the methods).",
+        "work (the seconds measure the machine's load as much as the methods). One validation example is "
+        f"{100 / record['validation_examples']:.1f} points of accuracy here ({record['validation_examples']} "
+        "examples), so differences of a few points between trials are within the noise of one seed.",
         "",
         "| method | stage | settings | validation accuracy (%) | forgetting (%) | learning accuracy (%) | seconds "
         "| chosen |",
@@ -213,6 +215,7 @@ def write_outputs(args: argparse.Namespace, base: dict[str, Any], seeds: list[in
         "fixed": {m: FIXED[m] for m in methods if m in FIXED},
         "rule": "best final average accuracy on the validation split (mean over seeds); ties: the earlier trial",
         "probed": [] if args.no_probe else [m for m in methods if m in probed],
+        "validation_examples": sum(len(d) for d in sweep.benchmark.test),
         "trials": [t for t in sweep.trials if t["method"] in methods], "best": best,
         "seconds": sum(t["seconds"] for t in sweep.trials),  # the trials' own wall time (a re-run reads them back)
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
