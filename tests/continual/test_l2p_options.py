@@ -63,3 +63,36 @@ def test_counts_given_by_the_trainer_replace_the_methods_own(tiny_backbone, tiny
     method.end_task(info)
     assert method.past_counts.tolist() == [0, 2, 2, 0, 0, 4]
     assert method.pool.prompt_frequency.tolist() == [0.0, 0.25, 0.25, 0.0, 0.0, 0.5]
+
+
+def _diversity_worker(rank: int, init_file: str, bert_path: str, config: dict, out_dir: str) -> None:
+    from l2p_fast.continual import distributed
+    from l2p_fast.continual.backbones import load_text_backbone
+    from l2p_fast.continual.config import RunConfig
+
+    torch.set_num_threads(1)
+    distributed.init("cpu", init_method=f"file://{init_file}", world_size=2, rank=rank, timeout=60)
+    try:
+        trainer = Trainer(RunConfig(**config), f"{out_dir}/run", backbone=load_text_backbone(bert_path))
+        results = trainer.run()
+        torch.save({"results": results, "past_counts": trainer.method.past_counts},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_count_the_selections_of_one(tiny_backbone, tiny_bert_path, tmp_path, tiny_config):
+    """--diversity on 2 gloo processes: the end-of-task sum over the processes gives one process's counts, so the
+    frequencies, the selections and the accuracy matrix are those of one process (uninterrupted runs)."""
+    import torch.multiprocessing as mp
+
+    cfg = tiny_config("l2p", tiny_bert_path, diversity=True, batch_size=5, eval_batch_size=5)
+    one = Trainer(cfg, tmp_path / "one", backbone=tiny_backbone)
+    expected = one.run()
+    mp.spawn(_diversity_worker, args=(str(tmp_path / "init"), tiny_bert_path, cfg.to_dict(), str(tmp_path)),
+             nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert torch.equal(got["past_counts"], one.method.past_counts)
+        assert got["results"]["prompt_counts_train"] == expected["prompt_counts_train"]
+        assert got["results"]["accuracy_matrix"] == expected["accuracy_matrix"]
