@@ -79,9 +79,13 @@ def compare(
 
 
 def finished_results(done: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The finished results in ``done`` when they belong to ``config``, else None."""
+    """The finished results in ``done`` when they belong to ``config``, else None. A finished run records its
+    precision resolved ('auto' → this machine's choice, as the trainer does), so ``config`` is compared so too."""
+    from ..models.precision import resolve_precision
+
     if not done.exists():
         return None
+    config = replace(config, precision=resolve_precision(config.precision, pick_device(config.device)))
     try:
         previous = json.loads(done.read_text())
         fingerprint = RunConfig.from_dict(previous["config"]).fingerprint()

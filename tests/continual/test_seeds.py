@@ -137,3 +137,13 @@ def test_cli_train_reads_the_method_settings_of_a_config_file(tiny_bert_path, tm
                  "--output", str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
     assert (config["lr"], config["batch_size"], config["epochs"]) == (0.02, 4, 1)  # file, flag, file
+
+
+def test_resume_reads_back_finished_runs_of_precision_auto(tiny_backbone, tiny_config, tmp_path, capsys):
+    # a finished run records 'auto' resolved (bf16 or fp32 by the machine); --resume must still recognise it
+    cfg = tiny_config("seq-frozen", tiny_backbone.name, precision="auto", epochs=1)
+    first = compare("seq-frozen", cfg, tmp_path, seeds="0", backbone=tiny_backbone, plots=False)
+    assert first[0]["config"]["precision"] in ("bf16", "fp32")
+    capsys.readouterr()
+    again = compare("seq-frozen", cfg, tmp_path, seeds="0", backbone=tiny_backbone, plots=False, resume=True)
+    assert again == first and "average accuracy" not in capsys.readouterr().out  # read back, not run again
