@@ -351,6 +351,7 @@ class Trainer:
         for p in range(position["phase"], len(self.phases)):
             phase = self.phases[p]
             mask = class_mask(cfg.train_mask, self.benchmark, phase.train_tasks, self.device)
+            self.method.begin_task(phase.task_id)  # every process, also when resuming inside the phase
             optimizer = self.optimizer = self._new_optimizer()  # the attribute: the current phase's (tests read it)
             if optimizer_state and p == position["phase"] and (position["epoch"] or position["step"]):
                 restore_optimizer(optimizer, optimizer_state, checkpoint_path)
@@ -412,7 +413,8 @@ class Trainer:
             self.method.model.eval()
             self.method.end_task(
                 TaskEnd(max(phase.train_tasks), indices, self.train_pool.labels,
-                        generator(cfg.seed, "end_task", p), self._backward_on(phase, mask))
+                        generator(cfg.seed, "end_task", p), self._backward_on(phase, mask),
+                        selection_counts=counts_train[max(phase.train_tasks)].clone())
             )
             row, counts = self._evaluate(phase)
             rows.append(row)
@@ -557,6 +559,7 @@ class Trainer:
         # every process adds its shares: integer sums, so each test item counts once, exactly
         summed = distributed.all_reduce_(torch.cat([correct, totals, counts.flatten(), flags]).to(self.device),
                                          "summing the evaluation counts").cpu()
+        self.method.finish_eval()
         correct, totals = summed[:num_tasks], summed[num_tasks: 2 * num_tasks]
         counts = summed[2 * num_tasks: -2].view(num_tasks, cfg.pool_size) if summed[-2] else None
         if summed[-1]:

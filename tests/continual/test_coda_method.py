@@ -125,3 +125,26 @@ def test_coda_learns_above_chance_on_a_tiny_run(tmp_path):
     chance = 100.0 / 20
     assert results["average_accuracy"] >= 3 * chance, results["accuracy_matrix"]
     assert all(a > chance for a in results["final_accuracy_per_task"]), results["accuracy_matrix"]
+
+
+def test_finish_eval_sums_the_processes_shares(tiny_backbone, tmp_path, tiny_config, monkeypatch):
+    """The mass is a mean over every process's test items: with a stand-in sum over two identical shares the mean
+    stays, the item counts double, and the sum goes through ``distributed.all_reduce_``."""
+    from l2p_fast.continual import distributed
+
+    trainer = Trainer(tiny_config("coda-prompt", tiny_backbone.name, **CODA), tmp_path, backbone=tiny_backbone)
+    results = trainer.run()
+    method = trainer.method
+    items = method.mass_items.clone()
+    calls = []
+
+    def doubled(tensor, what="summing counts"):
+        calls.append(what)
+        return tensor.mul_(2)
+
+    monkeypatch.setattr(distributed, "all_reduce_", doubled)
+    method.finish_eval()
+    assert calls == ["summing CODA's component mass"]
+    assert torch.equal(method.mass_items, 2 * items)
+    torch.testing.assert_close(torch.tensor(method.results()["component_mass_test"]),
+                               torch.tensor(results["component_mass_test"]), rtol=1e-12, atol=0)

@@ -21,6 +21,10 @@ from l2p_fast.continual.trainer import Trainer
 
 WORLD = 2
 ATOL, RTOL = 1e-5, 1e-4
+# CODA-Prompt: the gradient of cos(q ⊙ A, K) along K (and A) is zero in exact arithmetic; fp32 leaves ~1e-8 of
+# rounding there, which a split batch rounds differently and Adam (eps 1e-8) turns into steps of up to lr, so its
+# parameters drift further apart (measured: 3.3e-4 after 40 steps at lr 0.03; accuracies and counts still equal)
+LOOSER = {"coda": (1e-3, 1e-2)}
 
 
 def _digest(trainer: Trainer) -> str:
@@ -92,7 +96,7 @@ def _records(tmp_path: Path, tag: str, name: str) -> list[dict]:
     return [torch.load(tmp_path / f"records-{tag}" / f"{name}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _assert_same_run(one: Trainer, expected: dict, records: list[dict]) -> None:
+def _assert_same_run(one: Trainer, expected: dict, records: list[dict], atol: float = ATOL, rtol: float = RTOL) -> None:
     """The 2-process records reproduce the 1-process run ``one`` (its results ``expected``)."""
     for record in records:
         assert "error" not in record, record.get("error")
@@ -102,9 +106,12 @@ def _assert_same_run(one: Trainer, expected: dict, records: list[dict]) -> None:
         assert got["train_examples"] == expected["train_examples"]
         for key in ("prompt_counts_train", "prompt_counts_test", "buffer_size"):
             assert got.get(key) == expected.get(key), key
+        if "component_mass_test" in expected:  # CODA: the processes' shares of the mass, summed
+            torch.testing.assert_close(torch.tensor(got["component_mass_test"]),
+                                       torch.tensor(expected["component_mass_test"]), atol=atol, rtol=rtol)
         for name, p in one.method.model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(record["params"][name], p.detach(), atol=ATOL, rtol=RTOL, msg=name)
+                torch.testing.assert_close(record["params"][name], p.detach(), atol=atol, rtol=rtol, msg=name)
     # every rank holds bit-identical parameters and optimiser state after every step
     assert records[0]["digests"] and records[0]["digests"] == records[1]["digests"]
     for name, value in records[0]["params"].items():
@@ -122,10 +129,12 @@ CASES = {
     "ewc": ("ewc", {"fisher_samples": 7}),
     "seq-frozen": ("seq-frozen", {"eval_batch_size": 5}),
     "dualprompt": ("dualprompt", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": False}),
+    "coda": ("coda-prompt", {"batch_size": 5, "eval_batch_size": 5}),
 }
 
 
-GROUPS = {"l2p": ("l2p", "vote", "vote_mask"), "others": ("l2p_er", "ewc", "seq-frozen", "dualprompt")}
+GROUPS = {"l2p": ("l2p", "vote", "vote_mask"), "others": ("l2p_er", "ewc", "seq-frozen", "dualprompt"),
+          "coda": ("coda",)}
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -149,7 +158,7 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
     codes = _spawn(tmp_path, tiny_bert_path, jobs, "same")
     assert codes == [0] * WORLD
     for name, (one, results) in expected.items():
-        _assert_same_run(one, results, _records(tmp_path, "same", name))
+        _assert_same_run(one, results, _records(tmp_path, "same", name), *LOOSER.get(name, (ATOL, RTOL)))
         assert (tmp_path / "two" / name / "results.json").exists()  # rank 0 wrote it
     if group == "others":
         ranks = _records(tmp_path, "same", "bf16")
@@ -162,6 +171,9 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
             assert kind == "RuntimeError" and "['FusedEPrompt'] has no vote_group" in message, message
         # the feature cache (seq-frozen's input) was computed by both processes and written once, by rank 0
         assert len(list((tmp_path / "two" / "seq-frozen" / "cache").glob("features-*.pt"))) == 2
+        return
+    if group == "coda":  # the first batch of a task can be the 1-item one: task switches do not wait for a forward
+        assert expected["coda"][0].method.model.task_count == 4
         return
     # the vote picks one prompt set per global batch: top_k distinct ids, as in one process
     assert expected["vote"][1]["prompt_counts_train"] != expected["l2p"][1]["prompt_counts_train"]
@@ -226,3 +238,4 @@ def test_cli_compare_under_torchrun_matches_one_process(tiny_bert_path, tmp_path
         assert (one["processes"], two["processes"]) == (1, WORLD)
         for key in ("accuracy_matrix", "prompt_counts_train", "prompt_counts_test", "train_examples"):
             assert two.get(key) == one.get(key), (method, key)
+

@@ -50,19 +50,42 @@ def test_resume_with_the_options_reproduces_the_uninterrupted_run(stop, tiny_bac
         assert torch.equal(p, q), name
 
 
-def test_counts_given_by_the_trainer_replace_the_methods_own(tiny_backbone, tiny_config):
-    from types import SimpleNamespace
-
+def test_end_task_adds_the_trainers_counts(tiny_backbone, tiny_config):
     from l2p_fast.continual.config import resolve
-    from l2p_fast.continual.methods import make_method
+    from l2p_fast.continual.methods import TaskEnd, make_method
 
     method = make_method(resolve(tiny_config("l2p", tiny_backbone.name, diversity=True)), tiny_backbone, 20)
-    method.task_counts += torch.tensor([5, 0, 0, 0, 0, 0])  # ignored: the trainer's counts win
-    info = SimpleNamespace(task=0, indices=torch.arange(4), labels=torch.zeros(4, dtype=torch.long), gen=None,
-                           backward_on=None, selection_counts=torch.tensor([0, 2, 2, 0, 0, 4]))
+    info = TaskEnd(0, torch.arange(4), torch.zeros(4, dtype=torch.long), torch.Generator(), lambda indices: None,
+                   selection_counts=torch.tensor([0, 2, 2, 0, 0, 4]))
     method.end_task(info)
     assert method.past_counts.tolist() == [0, 2, 2, 0, 0, 4]
     assert method.pool.prompt_frequency.tolist() == [0.0, 0.25, 0.25, 0.0, 0.0, 0.5]
+    method.end_task(TaskEnd(1, info.indices, info.labels, info.gen, info.backward_on,
+                            selection_counts=torch.tensor([4, 0, 0, 0, 0, 0])))
+    assert method.past_counts.tolist() == [4, 2, 2, 0, 0, 4]
+    with pytest.raises(ValueError, match="diversity: the task's selection counts are needed"):
+        method.end_task(TaskEnd(2, info.indices, info.labels, info.gen, info.backward_on))
+
+
+def test_shared_prompts_are_copied_when_the_task_begins(tiny_backbone, tiny_config):
+    """begin_task(t) copies task t−1's slots once (idempotent, as on a resume inside the task)."""
+    from l2p_fast.continual.config import resolve
+    from l2p_fast.continual.methods import make_method
+
+    cfg = resolve(tiny_config("l2p", tiny_backbone.name, shared_prompt_pool=True, use_prompt_mask=True))
+    method = make_method(cfg, tiny_backbone, 20)
+    prompt = method.pool.prompt
+    k = cfg.top_k
+    with torch.no_grad():
+        prompt[:k].fill_(1.0)
+    method.begin_task(0)
+    assert method.shared_task == 0
+    method.begin_task(1)
+    assert method.shared_task == 1 and torch.equal(prompt[k: 2 * k], prompt[:k])
+    with torch.no_grad():
+        prompt[k: 2 * k].fill_(2.0)  # trained in task 1; a second begin_task(1) (a resume) must keep it
+    method.begin_task(1)
+    assert bool((prompt[k: 2 * k] == 2.0).all())
 
 
 def _diversity_worker(rank: int, init_file: str, bert_path: str, config: dict, out_dir: str) -> None:

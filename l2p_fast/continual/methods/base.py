@@ -32,6 +32,7 @@ class TaskEnd:
     labels: Tensor
     gen: torch.Generator
     backward_on: Callable[[Tensor], None]
+    selection_counts: Tensor | None = None  # (M,) prompt ids chosen for the task's training rows, all processes
 
 
 class Method:
@@ -70,6 +71,11 @@ class Method:
         ce = F.cross_entropy(logits, labels)
         return ce, {"ce": float(ce.detach())}
 
+    def begin_task(self, task_id: int) -> None:
+        """Called on every process before the first training step of a task's phase, and again when a run resumes
+        inside it (so it must be idempotent): where per-task state changes (CODA's new components, L2P's shared
+        prompts). A no-op by default."""
+
     def end_task(self, info: TaskEnd) -> None:
         """Called after training on a task (before its evaluation): fills the replay buffer."""
         if self.buffer is not None:
@@ -78,6 +84,11 @@ class Method:
     def observe_eval(self, out: dict[str, Any], tasks: Tensor) -> None:
         """Called on every evaluation batch with the model's output and the items' tasks (B,) (CODA records its
         component weights); a no-op by default."""
+
+    def finish_eval(self) -> None:
+        """Called on every process once an evaluation's batches are done (after the trainer sums its counts over
+        the processes): a method that recorded per-process evaluation statistics sums them here; a no-op by
+        default."""
 
     def results(self) -> dict[str, Any]:
         """Extra entries of the run's results (from the latest evaluation); none by default."""

@@ -15,7 +15,8 @@ compare at one setting: the paper's 1e-3 is for 20 epochs at batch 128; on ``wor
 steps per task) it barely moves the prompts (seed 0, MiniLM: average accuracy 21.7% at 1e-3, 54.8% at 1e-2, 61.2% at
 3e-2).
 
-Tasks: the first training batch of task t moves the model to task t (``set_task``: task t's rows get the
+Tasks: when task t begins (``begin_task``, on every process before its first step) the model moves to task t
+(``set_task``: task t's rows get the
 Gram–Schmidt initialisation, drawn from a generator seeded by (seed, t), so a resumed run draws the same); the
 current task is part of the checkpointed method state. Evaluation uses every row of the tasks so far.
 Recorded for the results: ``component_mass_test`` (tasks, M), per task the mean over its test items of |α| per
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..backbones import Backbone
 from .base import Method, TaskEnd
 
@@ -81,9 +83,11 @@ class CodaPrompt(Method):
         options["prompt_layer_idx"] = prompt_layers(len(model.blocks))
         return CodaViT.from_timm(model, pretrained=False, num_classes=num_classes, final_tokens="head", **options)
 
-    def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
-        if train and task_id > self.model.task_count:
+    def begin_task(self, task_id: int) -> None:
+        if task_id > self.model.task_count:
             self.model.set_task(task_id, self._generator(task_id))
+
+    def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
         if self.kind == "text":
             return self.model(**inputs, cls_features=cached, train=train)
         return self.model(inputs, cls_features=cached, train=train)
@@ -106,6 +110,14 @@ class CodaPrompt(Method):
         alpha = out["component_weights"].detach().abs().double().mean(0).cpu()  # (B, F)
         self.mass[:, : alpha.shape[1]].index_add_(0, tasks, alpha)
         self.mass_items.index_add_(0, tasks, torch.ones(len(tasks), dtype=torch.float64))
+
+    def finish_eval(self) -> None:
+        """Sum the processes' shares of the mass (each process saw only its own test items)."""
+        device = next(self.model.parameters()).device  # NCCL sums CUDA tensors only
+        shares = torch.cat([self.mass.flatten(), self.mass_items]).to(device)
+        summed = distributed.all_reduce_(shares, "summing CODA's component mass").cpu()
+        self.mass.copy_(summed[: self.mass.numel()].view_as(self.mass))
+        self.mass_items.copy_(summed[self.mass.numel():])
 
     def results(self) -> dict[str, Any]:
         """``component_mass_test`` (tasks, M): mean |α| per component of each task's test items."""

@@ -5,15 +5,14 @@ from the trainer's feature cache (the frozen encoder's mean-pooled embedding, wh
 ``L2PTextEncoder.query``); images compute theirs on the fly (augmentation changes every view).
 
 Options (docs/behaviour.md §8, §10):
-- ``diversity``: the method counts the prompt ids of every row it trains on (replayed rows included); at the end
-  of each task the task's counts are summed over the processes and added to those of earlier tasks, and the
-  normalised sum becomes the pool's ``prompt_frequency`` for the next tasks' training (evaluation never uses it).
-  A ``TaskEnd`` carrying ``selection_counts`` (M,) (global counts the trainer keeps and checkpoints) is used
-  instead of the method's own counts: with several processes only those survive a resume in the middle of a
-  task exactly (the method's own partial counts are rank 0's in the checkpoint).
-- ``shared_prompt_pool`` / ``shared_prompt_key``: the first training batch of task t > 0 first copies task
-  t−1's prompt slots / keys into task t's (``FusedPromptPool.share_previous_task``).
-Both states (the counts, the last task shared) are part of the method's checkpointed state.
+- ``diversity``: at the end of each task the task's selection counts (the trainer's ``counts_train`` row: the
+  prompt ids of the task's own training rows, summed over the processes, checkpointed with the run) are added
+  to those of earlier tasks, and the normalised sum becomes the pool's ``prompt_frequency`` for the next tasks'
+  training (evaluation never uses it).
+- ``shared_prompt_pool`` / ``shared_prompt_key``: when task t > 0 begins (:meth:`begin_task`, on every process,
+  before its first step), task t−1's prompt slots / keys are copied into task t's
+  (``FusedPromptPool.share_previous_task``).
+Both states (the past counts, the last task shared) are part of the method's checkpointed state.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backbones import Backbone
@@ -40,7 +38,6 @@ class L2P(Method):
         super().__init__(config, backbone, num_classes)
         pool_size = config.pool_size
         self.past_counts = torch.zeros(pool_size, dtype=torch.int64)  # selections in finished tasks (diversity)
-        self.task_counts = torch.zeros(pool_size, dtype=torch.int64)  # selections in the current task
         self.shared_task = 0  # the last task whose slots were filled from the previous task's
 
     def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
@@ -72,33 +69,24 @@ class L2P(Method):
         """The model's ``FusedPromptPool``."""
         return self.model.prompt
 
-    def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
+    def begin_task(self, task_id: int) -> None:
         cfg = self.config
-        if train and task_id > self.shared_task and (cfg.shared_prompt_pool or cfg.shared_prompt_key):
+        if task_id > self.shared_task and (cfg.shared_prompt_pool or cfg.shared_prompt_key):
             self.pool.share_previous_task(task_id, prompts=cfg.shared_prompt_pool, keys=cfg.shared_prompt_key)
             self.shared_task = task_id
+
+    def forward(self, inputs: Any, cached: Tensor | None, task_id: int, train: bool) -> dict[str, Any]:
         if self.kind == "text":
-            out = self.model(**inputs, task_id=task_id, cls_features=cached, train=train)
-        else:
-            out = self.model(inputs, task_id=task_id, cls_features=cached, train=train)
-        if train and cfg.diversity and "prompt_idx" in out:
-            ids = out["prompt_idx"].detach().reshape(-1)
-            self.task_counts = self.task_counts.to(ids.device)  # counted where the ids are: no host sync
-            self.task_counts.scatter_add_(0, ids, torch.ones_like(ids))
-        return out
+            return self.model(**inputs, task_id=task_id, cls_features=cached, train=train)
+        return self.model(inputs, task_id=task_id, cls_features=cached, train=train)
 
     def end_task(self, info: TaskEnd) -> None:
         super().end_task(info)
         if not self.config.diversity:
             return
-        given = getattr(info, "selection_counts", None)  # the trainer's global counts of the task, when it passes them
-        counts = self.task_counts.clone() if given is None else torch.as_tensor(given, dtype=torch.int64)
-        if given is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = self.pool.prompt.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            counts = counts.to(device)
-            dist.all_reduce(counts)  # every process calls end_task: the selections of the global batches
-        self.past_counts += counts.cpu()
-        self.task_counts = torch.zeros_like(self.past_counts)
+        if info.selection_counts is None:
+            raise ValueError("diversity: the task's selection counts are needed at its end, got None")
+        self.past_counts += torch.as_tensor(info.selection_counts, dtype=torch.int64).cpu()
         self._set_frequency()
 
     def _set_frequency(self) -> None:
@@ -109,15 +97,13 @@ class L2P(Method):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(past_counts=self.past_counts.clone(), task_counts=self.task_counts.cpu().clone(),
-                     shared_task=self.shared_task)
+        state.update(past_counts=self.past_counts.clone(), shared_task=self.shared_task)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         zeros = torch.zeros_like(self.past_counts)
         self.past_counts = state.get("past_counts", zeros).clone()
-        self.task_counts = state.get("task_counts", zeros).clone()
         self.shared_task = int(state.get("shared_task", 0))
         if self.config.diversity:
             self._set_frequency()
