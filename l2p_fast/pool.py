@@ -33,6 +33,34 @@ def _init_parameter(shape: tuple[int, ...], init: str) -> nn.Parameter:
     return nn.Parameter(value)
 
 
+def global_vote_counts(
+    x_embed: Tensor,
+    keys: Tensor,
+    *,
+    embedding_key: str,
+    top_k: int,
+    cls_features: Tensor | None,
+    frequency: Tensor | None,
+    backend: str,
+    group: object,
+) -> Tensor:
+    """The global batch vote's counts (docs/behaviour.md §9): the counts (M,) int64 of this rank's rows x_embed
+    (B, N, D) (B = 0 allowed) against keys (M, D), all-reduced (SUM) over ``group`` ("world" or a ProcessGroup).
+
+    One op before the collective (``pool_vote_counts`` of ``backend``), then a functional collective (traceable,
+    no host sync). Handed to ``pool_forward`` as ``vote_counts``; shared by the L2P pool and DualPrompt's E-prompt.
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    counts = dispatch.implementation("pool_vote_counts", backend, x_embed.device.type)(
+        x_embed, keys, embedding_key=embedding_key, top_k=top_k, cls_features=cls_features, frequency=frequency,
+    )  # fmt: skip
+    process_group = torch.distributed.group.WORLD if isinstance(group, str) else group
+    # waited here (a stream wait on GPUs, no host sync): the next op needs the counts at once, and handing it
+    # the still-async result instead costs a Python subclass dispatch of the whole fused op
+    return funcol.wait_tensor(funcol.all_reduce(counts, "sum", process_group))
+
+
 class FusedPromptPool(nn.Module):
     """A pool of M prompts (M, Lp, D) with keys (M, D), selected per input by cosine similarity.
 
@@ -182,7 +210,10 @@ class FusedPromptPool(nn.Module):
         # an empty share of a global batch (B = 0) still takes part in the collective; the reference runs it
         backend = self.backend if x_embed.shape[0] > 0 else "reference"
         if global_vote:
-            selection["vote_counts"] = self._global_vote_counts(x_embed, keys, cls_features, frequency, backend)
+            selection["vote_counts"] = global_vote_counts(
+                x_embed, keys, embedding_key=self.embedding_key, top_k=self.top_k, cls_features=cls_features,
+                frequency=frequency, backend=backend, group=self._vote_group,
+            )  # fmt: skip
         out = dispatch.implementation("pool_forward", backend, x_embed.device.type)(
             x_embed,
             prompt,
@@ -196,22 +227,6 @@ class FusedPromptPool(nn.Module):
         )
         out["total_prompt_len"] = out["prompt_idx"].shape[1] * self.length
         return {key: out[key] for key in OUTPUT_ORDER}
-
-    def _global_vote_counts(
-        self, x_embed: Tensor, keys: Tensor, cls_features: Tensor | None, frequency: Tensor | None, backend: str
-    ) -> Tensor:
-        """The vote counts (M,) int64 of this rank's rows, all-reduced (SUM) over ``vote_group``: one op before
-        the collective (``pool_vote_counts``), a functional collective (traceable, no host sync)."""
-        from torch.distributed import _functional_collectives as funcol
-
-        counts = dispatch.implementation("pool_vote_counts", backend, x_embed.device.type)(
-            x_embed, keys, embedding_key=self.embedding_key, top_k=self.top_k, cls_features=cls_features,
-            frequency=frequency,
-        )
-        group = torch.distributed.group.WORLD if isinstance(self._vote_group, str) else self._vote_group
-        # waited here (a stream wait on GPUs, no host sync): the next op needs the counts at once, and handing it
-        # the still-async result instead costs a Python subclass dispatch of the whole fused op
-        return funcol.wait_tensor(funcol.all_reduce(counts, "sum", group))
 
     def extra_repr(self) -> str:
         return (

@@ -13,6 +13,8 @@ Differences from the port (its bugs; docs/design/dualprompt.md):
 - ``prompt_key=False`` (prompt-tuning only): the keys are the mean of the current prompts over layers and
   tokens, recomputed each call (differentiable); with prefix-tuning it raises ``ValueError`` (the port's
   mean over that layout is not a (M, D) key).
+Beyond the port: ``vote_group`` (None: per-rank vote; ``"world"`` or a ProcessGroup) sums the batch vote's
+counts over the processes before the pick, as the L2P pool's (docs/behaviour.md §9).
 Shapes: B batch, N tokens, D width, H heads, Dh = D / H, M pool, K top-k, Lp prompt length, L layers.
 """
 
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..ops.prefix_gather import prefix_gather
 from ..pool import _init_parameter
-from ..validation import validate_config, validate_forward
+from ..validation import validate_config, validate_forward, validate_vote_group
 from .reference import LAYOUTS
 from .select import select_prompts
 
@@ -47,7 +50,8 @@ class FusedEPrompt(nn.Module):
 
     ``prompt``: (L, 2, M, Lp, H, Dh) with ``use_prefix_tune_for_e_prompt`` (key half, value half),
     else (L, M, Lp, D); non-pool mode drops the M axis. ``forward`` returns the port's dict;
-    ``batched_prompt`` is (L, B, 2, K·Lp, H, Dh) or (L, B, K·Lp, D).
+    ``batched_prompt`` is (L, B, 2, K·Lp, H, Dh) or (L, B, K·Lp, D). ``vote_group``: as
+    ``FusedPromptPool``'s (docs/behaviour.md §9), settable after construction.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class FusedEPrompt(nn.Module):
         *,
         layout: str = "permute",
         backend: str = "auto",
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         validate_config(
@@ -113,6 +118,18 @@ class FusedEPrompt(nn.Module):
             self.prompt_key = _init_parameter((pool_size, embed_dim), prompt_key_init)
         else:
             self.register_parameter("prompt_key", None)
+        self.vote_group = vote_group
+
+    @property
+    def vote_group(self) -> object:
+        """Where the batch vote counts (docs/behaviour.md §9): None, per rank; a ProcessGroup or ``"world"``:
+        the counts are all-reduced (SUM) over that group before the pick. Settable after construction."""
+        return self._vote_group
+
+    @vote_group.setter
+    def vote_group(self, group: object) -> None:
+        validate_vote_group(group)
+        self._vote_group = group
 
     def keys(self) -> Tensor:
         """The keys (M, D): ``prompt_key``, or the mean of each prompt over layers and tokens (prompt-tuning)."""
@@ -122,21 +139,29 @@ class FusedEPrompt(nn.Module):
     def forward(
         self, x_embed: Tensor, prompt_mask: Tensor | None = None, cls_features: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """x_embed (B, N, D) → the port's dict (pool mode: ``OUTPUT_ORDER``; non-pool: ``batched_prompt``)."""
+        """x_embed (B, N, D) → the port's dict (pool mode: ``OUTPUT_ORDER``; non-pool: ``batched_prompt``).
+
+        With ``vote_group`` and the batch vote (no mask), every rank of the group must call forward the same
+        number of times; a rank with no rows (B = 0) joins the vote's collective and gets empty outputs."""
         prompt = self.prompt
+        global_vote = (
+            self._vote_group is not None and self.batchwise_prompt and self.prompt_pool and prompt_mask is None
+        )
         validate_forward(
             x_embed, prompt_mask, cls_features, embed_dim=self.embed_dim, pool_size=self.pool_size,
-            prompt_pool=self.prompt_pool, device=prompt.device,
+            prompt_pool=self.prompt_pool, device=prompt.device, allow_empty=global_vote,
         )  # fmt: skip
         batch = x_embed.shape[0]
         if not self.prompt_pool:
             if self.use_prefix_tune_for_e_prompt:
                 return {"batched_prompt": prompt.unsqueeze(1).expand(-1, batch, -1, -1, -1, -1)}
             return {"batched_prompt": prompt.unsqueeze(1).expand(-1, batch, -1, -1)}
+        # an empty share of a global batch (B = 0) still takes part in the collective; the reference runs it
+        backend = self.backend if batch > 0 else "reference"
         out = select_prompts(
             x_embed, self.keys(), embedding_key=self.embedding_key, top_k=self.top_k,
             batchwise=self.batchwise_prompt, cls_features=cls_features, prompt_mask=prompt_mask,
-            backend=self.backend,
+            backend=backend, vote_group=self._vote_group if global_vote else None,
         )  # fmt: skip
         out["batched_prompt"] = self.gather(out["prompt_idx"])
         return {key: out[key] for key in OUTPUT_ORDER}
@@ -147,10 +172,17 @@ class FusedEPrompt(nn.Module):
         layers, batch, k = prompt.shape[0], idx.shape[0], idx.shape[1]
         if self.use_prefix_tune_for_e_prompt:
             flat = prompt.reshape(layers, 2, self.pool_size, -1)
-            out = prefix_gather(flat, idx, self.layout == "permute", backend=self.backend)
+            out = self._prefix_gather(flat, idx, self.layout == "permute")
             return out.view(layers, batch, 2, k * self.length, *prompt.shape[-2:])
         flat = prompt.reshape(layers, 1, self.pool_size, -1)
-        return prefix_gather(flat, idx, True, backend=self.backend).view(layers, batch, k * self.length, -1)
+        return self._prefix_gather(flat, idx, True).view(layers, batch, k * self.length, self.embed_dim)
+
+    def _prefix_gather(self, flat: Tensor, idx: Tensor, batch_first: bool) -> Tensor:
+        """``prefix_gather`` of ``self.backend``; an empty share of the global vote (B = 0), which that op
+        refuses, takes the reference's indexing."""
+        if idx.shape[0] == 0:
+            return dispatch.implementation("prefix_gather", "reference", idx.device.type)(flat, idx, batch_first)
+        return prefix_gather(flat, idx, batch_first, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import dispatch, reference
 from ..modes import compute_dtype
+from ..pool import global_vote_counts
 
 
 def select_prompts(
@@ -31,17 +32,28 @@ def select_prompts(
     cls_features: Tensor | None,
     prompt_mask: Tensor | None,
     backend: str,
+    vote_group: object = None,
 ) -> dict[str, Tensor]:
     """x_embed (B, N, D), keys (M, D) → prompt_idx (B, K), prompt_key_norm (M, D), x_embed_norm (B, D),
-    similarity (B, M), selected_key (B, K, D), reduce_sim () — the L2P pool's values (inputs validated)."""
+    similarity (B, M), selected_key (B, K, D), reduce_sim () — the L2P pool's values (inputs validated).
+
+    ``vote_group`` (None, "world" or a ProcessGroup): with the batch vote and no mask, the vote's counts are
+    summed over the group first (the pool's global vote, docs/behaviour.md §9; B = 0 joins it)."""
     device_type = x_embed.device.type
     if embedding_key == "cls" and cls_features is not None:
         query = cls_features
     else:  # the reference reduction (torch's mean / max) on every backend; see the module docstring
         query = reference.query(x_embed, embedding_key, None, compute_dtype(x_embed.dtype, x_embed.dtype))
+    token = x_embed[:, :1].detach()  # the prepended sequence is not used: one token keeps it tiny
+    selection = {}
+    if vote_group is not None and batchwise and prompt_mask is None:
+        selection["vote_counts"] = global_vote_counts(
+            token, keys, embedding_key="cls", top_k=top_k, cls_features=query, frequency=None, backend=backend,
+            group=vote_group,
+        )  # fmt: skip
     pool = dispatch.implementation("pool_forward", backend, device_type)
     out = pool(
-        x_embed[:, :1].detach(),  # the prepended sequence is not used: one token keeps it tiny
+        token,
         keys.detach().unsqueeze(1),  # stand-in prompts (M, 1, D)
         keys,
         embedding_key="cls",
@@ -49,6 +61,7 @@ def select_prompts(
         batchwise=batchwise,
         cls_features=query,
         prompt_mask=prompt_mask,
+        **selection,
     )
     return {
         "prompt_idx": out["prompt_idx"],

@@ -64,7 +64,8 @@ class DualPromptTextEncoder(nn.Module):
     ``tokenize``, ``query`` and ``encode_queries`` are ``L2PTextEncoder``'s; ``forward`` returns the
     ``DualPromptViT`` dict (E-prompt outputs, ``x``, ``pre_logits``, ``logits``). ``final_tokens``: 'all' computes
     every row of the last layer; 'head' with the 'token' head only the CLS row (same logits and gradients up to
-    float rounding; ``x`` is then (B, 1, D)).
+    float rounding; ``x`` is then (B, 1, D)). ``vote_group`` (None, "world" or a ProcessGroup): the E-prompt's batch
+    vote over the processes (docs/behaviour.md §9).
     """
 
     tokenize = L2PTextEncoder.tokenize
@@ -97,6 +98,7 @@ class DualPromptTextEncoder(nn.Module):
         tokenizer: object = None,
         packed: bool = True,
         final_tokens: str = "all",
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         check_final_tokens(final_tokens)
@@ -124,6 +126,7 @@ class DualPromptTextEncoder(nn.Module):
             prompt_key=True, pool_size=pool_size, top_k=top_k, batchwise_prompt=batchwise_prompt,
             prompt_key_init=prompt_key_init, num_layers=len(e_idx),
             use_prefix_tune_for_e_prompt=use_prefix_tune_for_e_prompt, num_heads=heads, layout=layout, backend=backend,
+            vote_group=vote_group,  # global batch vote (docs/behaviour.md §9); settable: self.e_prompt.vote_group
         )  # fmt: skip
         self.head = nn.Linear(width, num_classes)
         self.to(self.backbone.get_input_embeddings().weight.device)

@@ -73,6 +73,8 @@ class DualPromptViT(nn.Module):
     ``final_tokens``: 'all' (default, the port's ``x``) runs the last block on every token; 'head' only on the
     rows the head reads (the CLS row for ``head_type='token'``; every row for 'gap'), where the last block is a
     plain timm block (``l2p_fast.models.vit_rows.block_rows``; the same logits up to float rounding).
+    ``vote_group`` (None, "world" or a ProcessGroup): the E-prompt's batch vote over the processes
+    (docs/behaviour.md §9).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class DualPromptViT(nn.Module):
         layout: str = "permute",
         backend: str = "auto",
         final_tokens: str = "all",
+        vote_group: object = None,
     ) -> None:
         super().__init__()
         _check_vit(vit)
@@ -127,6 +130,7 @@ class DualPromptViT(nn.Module):
             prompt_key=True, pool_size=pool_size, top_k=top_k, batchwise_prompt=batchwise_prompt,
             prompt_key_init=prompt_key_init, num_layers=len(e_idx),
             use_prefix_tune_for_e_prompt=use_prefix_tune_for_e_prompt, num_heads=heads, layout=layout, backend=backend,
+            vote_group=vote_group,  # global batch vote (docs/behaviour.md §9); settable: self.e_prompt.vote_group
         )  # fmt: skip
         self.to(device)
         self.g_prompt_layer_idx, self.e_prompt_layer_idx = g_idx, e_idx
