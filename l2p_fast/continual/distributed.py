@@ -285,9 +285,10 @@ def barrier(what: str = "waiting for the other processes") -> None:
 
 
 def use_global_vote(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Make every batch-voting prompt pool in ``model`` vote over the global batch of all processes: sets
-    its ``vote_group`` to the default group. Returns the pools set; raises when a pool votes per batch but
-    cannot vote globally (a run on several processes would then be another method)."""
+    """Make every batch-voting prompt pool in ``model`` (L2P's ``FusedPromptPool``, DualPrompt's ``FusedEPrompt``)
+    vote over the global batch of all processes: sets its ``vote_group`` to the default group. Returns the pools
+    set; raises when a pool votes per batch but cannot vote globally (a run on several processes would then be
+    another method)."""
     voting = [m for m in model.modules()  # the pools: their prompts are a parameter (the models hold the pool)
               if getattr(m, "batchwise_prompt", False) is True
               and isinstance(getattr(m, "prompt", None), torch.nn.Parameter)]
@@ -316,4 +317,5 @@ def join_vote(pools: Sequence[torch.nn.Module], mask_task: int | None = None) ->
             if mask_task is not None and task_prompt_mask(mask_task, pool.top_k, pool.pool_size, 0,
                                                           prompt.device) is not None:
                 continue
-            pool(prompt.new_zeros(0, 1, prompt.shape[-1]), cls_features=prompt.new_zeros(0, prompt.shape[-1]))
+            width = pool.embed_dim  # not the prompt's last dim: the E-prompt's prefix prompts end in Dh
+            pool(prompt.new_zeros(0, 1, width), cls_features=prompt.new_zeros(0, width))

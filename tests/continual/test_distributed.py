@@ -120,7 +120,9 @@ def _assert_same_run(one: Trainer, expected: dict, records: list[dict], atol: fl
 
 # batch 5 / eval batch 5 on 16 training and 8·t test items per task: shards of 3+2 and a last batch of
 # one item, so one process has an empty share (training and evaluation); "vote": the batch-wise vote,
-# global over the processes (the empty share joins the vote's collective)
+# global over the processes (the empty share joins the vote's collective); "dualprompt_vote": DualPrompt's
+# defaults, the E-prompt's global vote (in training where the task mask gives way: task 5, as 5·K > M = 9; M = 9
+# makes the rows' own picks differ, so a per-process vote could pick other prompts than the global one)
 CASES = {
     "l2p": ("l2p", {"batch_size": 5, "eval_batch_size": 5}),
     "vote": ("l2p", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": True}),
@@ -129,12 +131,13 @@ CASES = {
     "ewc": ("ewc", {"fisher_samples": 7}),
     "seq-frozen": ("seq-frozen", {"eval_batch_size": 5}),
     "dualprompt": ("dualprompt", {"batch_size": 5, "eval_batch_size": 5, "batchwise_prompt": False}),
+    "dualprompt_vote": ("dualprompt", {"batch_size": 5, "eval_batch_size": 5, "pool_size": 9}),
     "coda": ("coda-prompt", {"batch_size": 5, "eval_batch_size": 5}),
 }
 
 
 GROUPS = {"l2p": ("l2p", "vote", "vote_mask"), "others": ("l2p_er", "ewc", "seq-frozen", "dualprompt"),
-          "coda": ("coda",)}
+          "dualprompt_vote": ("dualprompt_vote",), "coda": ("coda",)}
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -151,10 +154,6 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
         # but both ranks stay identical
         bf16 = tiny_config("l2p", tiny_bert_path, precision="bf16", batch_size=5)
         jobs.append({"name": "bf16", "config": bf16.to_dict(), "output": str(tmp_path / "two" / "bf16")})
-        # last (a worker stops at an error): DualPrompt's default vote cannot vote globally, so it is refused
-        voting = tiny_config("dualprompt", tiny_bert_path)
-        assert voting.batchwise_prompt is None  # the method's default: on
-        jobs.append({"name": "refused", "config": voting.to_dict(), "output": str(tmp_path / "two" / "refused")})
     codes = _spawn(tmp_path, tiny_bert_path, jobs, "same")
     assert codes == [0] * WORLD
     for name, (one, results) in expected.items():
@@ -166,11 +165,20 @@ def test_two_processes_reproduce_one(group, tiny_backbone, tiny_bert_path, tmp_p
         assert ranks[0]["digests"] and ranks[0]["digests"] == ranks[1]["digests"]
         assert ranks[0]["results"]["accuracy_matrix"] == ranks[1]["results"]["accuracy_matrix"]
         assert [sum(c) for c in ranks[0]["results"]["prompt_counts_train"]] == [16 * 2 * 2] * 5
-        for record in _records(tmp_path, "same", "refused"):
-            kind, message, _ = record["error"]
-            assert kind == "RuntimeError" and "['FusedEPrompt'] has no vote_group" in message, message
         # the feature cache (seq-frozen's input) was computed by both processes and written once, by rank 0
         assert len(list((tmp_path / "two" / "seq-frozen" / "cache").glob("features-*.pt"))) == 2
+        return
+    if group == "dualprompt_vote":
+        assert CASES["dualprompt_vote"][1].get("batchwise_prompt") is None  # the method's default vote: on
+        assert expected["dualprompt_vote"][0].method.model.e_prompt.batchwise_prompt is True
+        # the rows' own picks differ (more than top_k ids used in a task), and the vote changes the counts
+        per_row = {**CASES["dualprompt_vote"][1], "batchwise_prompt": False}
+        no_vote = Trainer(tiny_config("dualprompt", tiny_bert_path, **per_row), tmp_path / "no_vote",
+                          backbone=tiny_backbone).run()
+        top_k = expected["dualprompt_vote"][0].config.top_k
+        assert any(sum(c > 0 for c in row) > top_k for row in no_vote["prompt_counts_test"])
+        for key in ("prompt_counts_train", "prompt_counts_test"):
+            assert expected["dualprompt_vote"][1][key] != no_vote[key], key
         return
     if group == "coda":  # the first batch of a task can be the 1-item one: task switches do not wait for a forward
         assert expected["coda"][0].method.model.task_count == 4
