@@ -12,6 +12,8 @@ from .backbones import Backbone
 from .benchmarks import ContinualBenchmark
 from .config import PROMPT_METHODS, RunConfig
 
+BACKEND_METHODS = (*PROMPT_METHODS, "coda-prompt")  # the methods whose models run fused ops of ``--backend``
+
 
 def pick_device(name: str) -> torch.device:
     """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises ``ValueError``."""
@@ -23,8 +25,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_backend(config: RunConfig, device: torch.device) -> None:
-    """``ValueError`` when a prompt method asks for a pool backend that cannot run on ``device`` here."""
-    if config.method not in PROMPT_METHODS or config.backend == "auto":
+    """``ValueError`` when a prompt method (``BACKEND_METHODS``) asks for a backend that cannot run on ``device``
+    here."""
+    if config.method not in BACKEND_METHODS or config.backend == "auto":
         return
     reason = dispatch.unavailable_reason(config.backend, device.type)
     if reason is not None:

@@ -232,9 +232,10 @@ def test_backend_unavailable_here_is_refused_before_loading(tiny_backbone, tmp_p
     missing = [b for b in ("cuda", "triton", "cpu") if dispatch.unavailable_reason(b, "cpu") is not None]
     if not missing:
         pytest.skip("every backend runs on the CPU here")
-    cfg = tiny_config("l2p", tiny_backbone.name, backend=missing[0], device="cpu")
-    with pytest.raises(ValueError, match=f"backend: '{missing[0]}' cannot run on the cpu device here"):
-        Trainer(cfg, tmp_path, backbone=tiny_backbone)
+    for method in ("l2p", "dualprompt", "coda-prompt"):  # every method whose model runs fused ops
+        cfg = tiny_config(method, tiny_backbone.name, backend=missing[0], device="cpu")
+        with pytest.raises(ValueError, match=f"backend: '{missing[0]}' cannot run on the cpu device here"):
+            Trainer(cfg, tmp_path, backbone=tiny_backbone)
     check_backend(tiny_config("seq", tiny_backbone.name, backend=missing[0]), torch.device("cpu"))  # not a pool method
     assert not any(tmp_path.iterdir())
 
