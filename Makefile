@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 export MAX_JOBS ?= 2
 
-.PHONY: install test demo bench lint clean gpu-check
+.PHONY: install test demo demo-readme bench lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,18 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest tests -q
 
+# the demo: every method of the settings file (chosen on the validation split by scripts/sweep.py), 3 seeds
+DEMO_ARGS := --config sweeps/wordnet20_demo.json --seeds 0,1,2
 demo: install
-	$(VENV)/bin/l2p-fast compare --methods l2p,seq,seq-frozen,ewc,er,joint --batch-size 8 --top-k 2 --prompt-mask --head-type gap --output runs/demo --resume
+	$(VENV)/bin/l2p-fast compare $(DEMO_ARGS) --output runs/demo --resume
+
+# a fresh demo run whose comparison.json becomes docs/results/demo_comparison.json and the README's results block
+demo-readme: install
+	rm -rf runs/demo-readme
+	$(VENV)/bin/l2p-fast compare $(DEMO_ARGS) --output runs/demo-readme
+	mkdir -p docs/results
+	cp runs/demo-readme/comparison.json docs/results/demo_comparison.json
+	$(VENV)/bin/l2p-fast report docs/results/demo_comparison.json --readme README.md
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only

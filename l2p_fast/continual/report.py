@@ -60,13 +60,15 @@ def diagnostics_table(results: Sequence[dict[str, Any]]) -> str:
         return ""
     summary = {row["method"]: row for row in summarize_seeds(results)}
     lines = [
-        "| method | selection accuracy (%) | per task (%) | usage entropy | usage overlap "
+        "| method | selection accuracy (%) | chance (%) | per task (%) | usage entropy | usage overlap "
         "| key–query cosine (first → last epoch) |",
-        "| --- | ---: | --- | ---: | ---: | --- |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for method, runs in groups.items():
         diags = [r["selection_diagnostics"] for r in runs]
-        per_task = [d["selection_accuracy_per_task"] for d in diags if d.get("selection_accuracy_per_task")]
+        key = "selection_accuracy_per_task" if diags[0].get("selection_accuracy_per_task") else \
+            "component_mass_share_per_task"
+        per_task = [d[key] for d in diags if d.get(key)]
         tasks = " / ".join(_fmt(v, 0) for v in _per_task_mean(per_task)) if per_task else "–"
         sims = [d["key_query_similarity_per_epoch"] for d in diags if d.get("key_query_similarity_per_epoch")]
         if sims:
@@ -77,16 +79,30 @@ def diagnostics_table(results: Sequence[dict[str, Any]]) -> str:
             cosine = "–"
         row = summary[method]
         accuracy = row["selection_accuracy"] if row["selection_accuracy"] is not None else row["component_mass_share"]
-        lines.append(f"| {method} | {_pm(accuracy, 1)} | {tasks} | {_pm(row['usage_entropy'])} | "
+        lines.append(f"| {method} | {_pm(accuracy, 1)} | {_fmt(_chance(runs[0]), 0)} | {tasks} | "
+                     f"{_pm(row['usage_entropy'])} | "
                      f"{_pm(row['usage_overlap_mean'])} | {cosine} |")
     lines.append("")
     lines.append(DIAGNOSTICS_CAPTION)
     return "\n".join(lines)
 
 
+def _chance(result: dict[str, Any]) -> float | None:
+    """Selection accuracy by chance: K/M under the task mask; CODA-Prompt's ⌊M/T⌋/M of uniform weight mass."""
+    diagnostics = result.get("selection_diagnostics", {})
+    config = result.get("config", {})
+    if diagnostics.get("selection_accuracy") is not None and config.get("top_k") and config.get("pool_size"):
+        return 100.0 * config["top_k"] / config["pool_size"]
+    mass = result.get("component_mass_test")
+    if diagnostics.get("component_mass_share") is not None and mass:
+        width = len(mass[0])
+        return 100.0 * (width // len(mass)) / width
+    return None
+
+
 DIAGNOSTICS_CAPTION = (
     "Selection accuracy: share of a task's test-time prompt selections that are the prompts the task mask trained "
-    "for it (chance = K/M; for CODA-Prompt the share of weight mass on the task's own components). Usage entropy: "
+    "for it (chance: K/M; for CODA-Prompt the share of weight mass on the task's own components). Usage entropy: "
     "of each task's selection distribution, over log M (0: one prompt, 1: all alike). Usage overlap: histogram "
     "intersection of two tasks' selection distributions, mean over task pairs (1: identical). Key–query cosine: "
     "mean cosine between a query and its selected keys in the first epoch of task 1 and the last epoch of the "
