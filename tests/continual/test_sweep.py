@@ -76,3 +76,20 @@ def test_learning_rate_only_sweep(tiny_bert_path, tmp_path):
         assert [t["stage"] for t in record["trials"] if t["method"] == method] == ["lr"] * sweep.LR_ONLY_TRIALS
     # the knob keeps its first (default) value, so a later full sweep reuses these runs
     assert {t["settings"]["pull_lambda"] for t in record["trials"] if t["method"] == "l2p"} == {0.1}
+
+
+def test_committed_demo_settings_are_the_sweeps_choice():
+    # make demo passes sweeps/wordnet20_demo.json; every setting in it must be the committed sweep's winner
+    sweep = _load_sweep()
+    root = SCRIPT.parents[1]
+    record = json.loads((root / "sweeps" / "wordnet20.json").read_text())
+    demo = load_settings(root / "sweeps" / "wordnet20_demo.json")
+    assert "--config sweeps/wordnet20_demo.json" in (root / "Makefile").read_text()
+    assert list(demo["methods"]) == list(record["best"])
+    for method, chosen in record["best"].items():
+        trials = [t for t in record["trials"] if t["method"] == method and t["stage"] != "probe"]
+        assert len(trials) == record["trials_per_method"]
+        best = max(trials, key=lambda t: t["validation_accuracy"])  # the first of equal scores, as the script
+        assert chosen == best["settings"], method
+        assert demo["methods"][method] == {**sweep.FIXED.get(method, {}), **chosen}
+    assert record["validation_fraction"] == sweep.VALIDATION_FRACTION
