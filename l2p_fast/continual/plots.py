@@ -218,7 +218,8 @@ def plot_selection(
     title: str = "Prompt selection (mean ± std over seeds)",
 ) -> Path:
     """``diagnostics`` ``{method: [selection diagnostics of each seed]}`` (:mod:`.diagnostics`). Left: the
-    selection accuracy per task (usage entropy when there is no task mask) as bars with ± std; right: the
+    selection accuracy per task (CODA-Prompt: the mass on its own components; usage entropy when there is
+    neither) as bars with ± std; right: the
     key–query cosine per epoch over the whole run (tasks one after the other)."""
     if not diagnostics:
         raise ValueError("diagnostics is an empty mapping: need at least one method")
@@ -226,15 +227,17 @@ def plot_selection(
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     width = 0.8 / len(diagnostics)
     for j, (method, runs) in enumerate(diagnostics.items()):
-        key = "selection_accuracy_per_task" if runs[0].get("selection_accuracy_per_task") else "usage_entropy_per_task"
+        key = next((k for k in ("selection_accuracy_per_task", "component_mass_share_per_task") if runs[0].get(k)),
+                   "usage_entropy_per_task")
         rows = np.array([[np.nan if v is None else v for v in run.get(key) or []] for run in runs], dtype=float)
         if rows.size:
             x = np.arange(rows.shape[1])
-            scale = 1.0 if key.startswith("selection") else 100.0
+            scale = 100.0 if key == "usage_entropy_per_task" else 1.0
             columns = [col[~np.isnan(col)] for col in rows.T]  # a task without a figure (None) is left out
             mean = np.array([col.mean() if len(col) else 0.0 for col in columns]) * scale
             err = np.array([col.std(ddof=1) if len(col) > 1 else 0.0 for col in columns]) * scale
-            what = "selection accuracy" if scale == 1.0 else "usage entropy x 100"
+            what = {"selection_accuracy_per_task": "selection accuracy", "component_mass_share_per_task":
+                    "own-component mass"}.get(key, "usage entropy x 100")
             left.bar(x - 0.4 + (j + 0.5) * width, mean, width=width, yerr=err if len(rows) > 1 else None, capsize=2,
                      label=f"{method}: {what}")
         sims = [np.concatenate([np.asarray(e, dtype=float) for e in run["key_query_similarity_per_epoch"]])
@@ -253,6 +256,7 @@ def plot_selection(
     left.xaxis.get_major_locator().set_params(integer=True)
     left.legend(fontsize=8)
     right.set_xlabel("epoch (all tasks in order)")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel("mean key–query cosine")
     right.grid(alpha=0.3)
     if right.lines:

@@ -32,7 +32,11 @@ def test_accuracy_spread_draws_a_band_for_several_seeds(tmp_path):
 def test_selection_plot_with_and_without_a_task_mask(tmp_path):
     masked = {"selection_accuracy_per_task": [60.0, None], "key_query_similarity_per_epoch": [[0.1, 0.2], [0.3]]}
     unmasked = {"usage_entropy_per_task": [0.5, 0.7]}
-    _png(plot_selection({"l2p": [masked, {**masked, "selection_accuracy_per_task": [40.0, None]}],
-                         "dualprompt": [unmasked]}, tmp_path / "sel.png"))
+    coda = {"component_mass_share_per_task": [30.0, 25.0]}
+    without = _png(plot_selection({"l2p": [masked, {**masked, "selection_accuracy_per_task": [40.0, None]}],
+                                   "dualprompt": [unmasked]}, tmp_path / "sel.png"))
+    with_coda = _png(plot_selection({"l2p": [masked], "dualprompt": [unmasked], "coda-prompt": [coda]},
+                                    tmp_path / "coda.png"))
+    assert with_coda != without
     with pytest.raises(ValueError, match="empty mapping"):
         plot_selection({}, tmp_path / "x.png")
