@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import as_accuracy_matrix, average_accuracy_curve
+from .metrics import as_accuracy_matrix, average_accuracy_curve, learning_accuracy
 
 __all__ = [
     "plot_accuracy_matrix",
@@ -182,8 +182,8 @@ def plot_accuracy_spread(
     reference: Mapping[str, float] | None = None,
 ) -> Path:
     """``runs`` ``{method: [accuracy matrix of each seed]}``: per method the mean average-accuracy curve, a
-    band of ± one sample std (two seeds or more) and each seed's curve, thin; ``reference`` as in
-    :func:`plot_task_accuracy`."""
+    band of ± one sample std (two seeds or more) and each seed's curve, thin; the legend gives the final
+    average and the learning accuracy (mean of the diagonal); ``reference`` as in :func:`plot_task_accuracy`."""
     if not runs:
         raise ValueError("runs is an empty mapping: need at least one method")
     fig = _new_figure(7.0, 4.5)
@@ -195,7 +195,9 @@ def plot_accuracy_spread(
         steps = np.arange(1, curves.shape[1] + 1)
         mean = curves.mean(axis=0)
         std = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-        label = f"{method} (final {mean[-1]:.1f}" + (f" ± {std[-1]:.1f})" if len(curves) > 1 else ")")
+        learned = float(np.mean([learning_accuracy(m) for m in matrices]))  # beside the final average: learned
+        label = f"{method} (final {mean[-1]:.1f}" + (f" ± {std[-1]:.1f}" if len(curves) > 1 else "") + \
+            f", learned {learned:.1f})"
         (line,) = ax.plot(steps, mean, marker="o", label=label)
         if len(curves) > 1:
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
