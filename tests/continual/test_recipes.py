@@ -17,6 +17,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.json"
 SMOKE = {"benchmark": "tensor_file", "classes_per_task": 2, "epochs": 1, "batch_size": 4, "eval_batch_size": 8,
          "image_size": 16, "download": False, "progress": False, "checkpoint_every": 0, "num_threads": 1,
          "precision": "fp32", "backbone": "tiny-vit"}
+# per method: what the tiny ViT (width 24) cannot hold (CODA-Prompt's Gram–Schmidt needs width >= components)
+SMOKE_METHOD = {"coda-prompt": {"coda_components": 10}}
 
 
 def test_every_recipe_is_a_valid_settings_file_with_its_source():
@@ -55,10 +57,12 @@ def test_recipe_smoke_run(path, synthetic_images, tiny_vit, tmp_path):
 
     settings = load_settings(path)
     config = RunConfig(**{**settings["config"], **SMOKE, "data": synthetic_images})
-    results = compare(list(settings["methods"]), config, tmp_path, method_settings=settings["methods"],
+    own_settings = {m: {**own, **SMOKE_METHOD.get(m, {})} for m, own in settings["methods"].items()}
+    results = compare(list(settings["methods"]), config, tmp_path, method_settings=own_settings,
                       backbone=tiny_vit, plots=False)
     for result, (method, own) in zip(results, settings["methods"].items(), strict=True):
         assert result["method"] == method and len(result["accuracy_matrix"]) == 5
         for field, value in own.items():  # the recipe's method settings reached the run
-            assert result["config"][field] == value, field
-        assert result["selection_diagnostics"]["usage_entropy"] is not None
+            if field not in SMOKE_METHOD.get(method, {}):
+                assert result["config"][field] == value, field
+        assert result["selection_diagnostics"], method  # selection accuracy / usage, or CODA's component mass
