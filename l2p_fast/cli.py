@@ -179,12 +179,12 @@ def error_line(error: BaseException) -> str:
 
 def run_command(args: argparse.Namespace) -> None:
     """Check everything that can be checked before loading, then train or compare (raises on failure)."""
+    from .continual import distributed
     from .continual.compare import compare, parse_methods
     from .continual.config import resolve
     from .continual.output import ensure_writable_dir
     from .continual.preflight import check_backend, pick_device
     from .continual.report import comparison_table, diagnostics_table, write_run_plots
-    from .continual import distributed
     from .continual.seeds import parse_seeds
     from .continual.settings import load_settings
     from .continual.trainer import Trainer
