@@ -59,7 +59,7 @@ PROMPT_FIELDS = ("pool_size", "top_k", "prompt_length", "pull_lambda", "batchwis
 # L2P-only options (methods l2p, l2p+er): docs/behaviour.md §8 and §10
 L2P_ONLY_FIELDS = ("diversity", "shared_prompt_pool", "shared_prompt_key")
 EWC_FIELDS = ("ewc_lambda", "fisher_samples")
-CODA_FIELDS = ("coda_components", "coda_length", "ortho_mu")
+CODA_FIELDS = ("coda_components", "coda_length", "ortho_mu", "backend")
 REPLAY_FIELDS = ("buffer_per_class", "replay_batch_size")
 
 
@@ -145,9 +145,10 @@ class RunConfig:
         skip = set(NON_RESULT_FIELDS)
         groups = ((PROMPT_FIELDS, PROMPT_METHODS), (EWC_FIELDS, ("ewc",)), (REPLAY_FIELDS, REPLAY_METHODS),
                   (CODA_FIELDS, ("coda-prompt",)))
-        for group, methods in groups:
+        used = {name for group, methods in groups if self.method in methods for name in group}
+        for group, methods in groups:  # a field shared by groups (backend) stays when any of them applies
             if self.method not in methods:
-                skip.update(group)
+                skip.update(name for name in group if name not in used)
         values = {k: v for k, v in self.to_dict().items() if k not in skip}
         for name, default in NEW_FIELD_DEFAULTS.items():  # at their defaults, the fingerprints of older runs
             if values.get(name) == default:

@@ -62,6 +62,11 @@ def test_dict_round_trip_and_fingerprint():
     assert RunConfig(method="seq", ewc_lambda=1.0).fingerprint() == RunConfig(method="seq").fingerprint()
     assert RunConfig(method="ewc", ewc_lambda=1.0).fingerprint() != RunConfig(method="ewc").fingerprint()
     assert RunConfig(method="er", top_k=2).fingerprint() == RunConfig(method="er").fingerprint()
+    # the op backend is part of every prompt method's fingerprint (CODA-Prompt's too), of no other method's
+    for method in ("l2p", "dualprompt", "coda-prompt"):
+        assert RunConfig(method=method, backend="reference").fingerprint() != RunConfig(method=method).fingerprint()
+    assert RunConfig(method="coda-prompt", top_k=2).fingerprint() == RunConfig(method="coda-prompt").fingerprint()
+    assert RunConfig(method="seq", backend="reference").fingerprint() == RunConfig(method="seq").fingerprint()
     assert RunConfig(method="l2p", top_k=2).fingerprint() != RunConfig(method="l2p").fingerprint()
     assert RunConfig(method="l2p", buffer_per_class=3).fingerprint() == RunConfig(method="l2p").fingerprint()
     with pytest.raises(ValueError, match="unknown keys"):
