@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -241,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:  # noqa: BLE001 - every failure ends in one readable line, never a traceback
         logging.getLogger(__name__).debug("l2p-fast failed", exc_info=True)
+        if type(error).__name__ == "RankError":  # another process died: leave at once, past the broken group's
+            sys.stderr.write(f"l2p-fast: error: {error_line(error)}\n")  # teardown (gloo may abort in it)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2)
         parser.exit(2, f"l2p-fast: error: {error_line(error)}\n")
     return 0
 

@@ -120,10 +120,14 @@ def session(device: torch.device | str) -> Iterator[None]:
         init(device)
         if not is_main():  # one run, one log: the other processes report warnings and errors only
             logging.getLogger("l2p_fast").setLevel(logging.WARNING)
+    broken = False
     try:
         yield
+    except RankError:
+        broken = True  # a peer is gone: tearing the group down can block or abort inside gloo, so it is left alone
+        raise
     finally:
-        if started and dist.is_initialized():
+        if started and dist.is_initialized() and not broken:
             dist.destroy_process_group()
 
 

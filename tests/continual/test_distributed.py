@@ -68,6 +68,8 @@ def _worker(rank: int, init_file: str, bert_path: str, jobs: list[dict], out_dir
         except Exception as error:  # noqa: BLE001 - the parent checks the error
             record["error"] = (type(error).__name__, str(error), time.monotonic() - started)
         torch.save(record, Path(out_dir) / f"{job['name']}-rank{rank}.pt")
+        if "error" in record and record["error"][0] == "RankError":
+            os._exit(0)  # as the CLI does: the group lost a peer, and gloo may abort while tearing it down at exit
         if "error" in record:
             return
     distributed.barrier()
