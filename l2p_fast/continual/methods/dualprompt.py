@@ -50,19 +50,7 @@ class DualPrompt(L2P):
 
     def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
         cfg = self.config
-        options = dict(
-            num_classes=num_classes,
-            length=cfg.prompt_length,
-            pool_size=cfg.pool_size,
-            top_k=cfg.top_k,
-            embedding_key="cls",
-            batchwise_prompt=cfg.batchwise_prompt,
-            head_type=cfg.head_type,
-            use_prompt_mask=cfg.use_prompt_mask,
-            g_prompt_length=G_PROMPT_LENGTH,
-            backend=cfg.backend,
-            final_tokens="head",  # the trainer reads logits and reduce_sim only: the last layer on the head's rows
-        )
+        options = dict(self.pool_options(num_classes), g_prompt_length=G_PROMPT_LENGTH)
         encoder = backbone.copy()
         if backbone.kind == "text":
             from ...models import DualPromptTextEncoder

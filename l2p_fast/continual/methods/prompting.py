@@ -40,9 +40,10 @@ class L2P(Method):
         self.past_counts = torch.zeros(pool_size, dtype=torch.int64)  # selections in finished tasks (diversity)
         self.shared_task = 0  # the last task whose slots were filled from the previous task's
 
-    def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
+    def pool_options(self, num_classes: int) -> dict[str, Any]:
+        """The prompted model's pool and head arguments from the config (shared with ``dualprompt``)."""
         cfg = self.config
-        options = dict(
+        return dict(
             num_classes=num_classes,
             length=cfg.prompt_length,
             pool_size=cfg.pool_size,
@@ -54,6 +55,10 @@ class L2P(Method):
             backend=cfg.backend,
             final_tokens="head",  # the trainer reads logits and reduce_sim only: skip the last-block rows no head reads
         )
+
+    def build(self, backbone: Backbone, num_classes: int) -> nn.Module:
+        cfg = self.config
+        options = self.pool_options(num_classes)
         if backbone.kind == "text":
             from ...models import L2PTextEncoder
 
